@@ -1,0 +1,109 @@
+"""The torch reference attention backend: paged KV store and attention in plain torch, CPU or GPU.
+
+It is the correctness baseline every other backend is tested against, and the CPU serving path.
+Decode-only steps run as one batched call per layer: each sequence's context is gathered through
+its block table into a padded [num_seqs, max_ctx, kv_heads, head_dim] tensor and attended with one
+masked scaled_dot_product_attention. Steps that contain a prefill (or chunked prefill) loop over
+sequences, each query row masked causally at its absolute position in the sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels.interface import AttentionMetadata, BackendKind
+
+
+def _gather_context(
+    cache: torch.Tensor, block_table: torch.Tensor, block_size: int, max_len: int
+) -> torch.Tensor:
+    """Keys or values of one or more sequences, in token order, padded to whole blocks.
+
+    cache [num_blocks, block_size, kv_heads, head_dim] (strided view), block_table [..., blocks]
+    -> [..., ceil(max_len / block_size) * block_size, kv_heads, head_dim].
+    """
+    num_blocks = -(-max_len // block_size)
+    gathered = cache[block_table[..., :num_blocks]]  # [..., n, block_size, kv_heads, head_dim]
+    return gathered.flatten(-4, -3)
+
+
+class TorchReferenceBackend:
+    """Stateless; safe to share between layers, models and threads."""
+
+    kind = BackendKind.TORCH_REFERENCE
+
+    def store_kv(
+        self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """key/value [num_tokens, kv_heads, head_dim] -> their slots of the per-layer cache view."""
+        blocks = meta.slot_mapping // meta.block_size
+        offsets = meta.slot_mapping % meta.block_size
+        kv_cache[:, 0][blocks, offsets] = key.to(kv_cache.dtype)
+        kv_cache[:, 1][blocks, offsets] = value.to(kv_cache.dtype)
+
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """query [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]."""
+        if meta.is_decode_only:
+            return self._attend_decode(query, kv_cache, meta, scale)
+        return self._attend_per_sequence(query, kv_cache, meta, scale)
+
+    def _attend_decode(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """One query per sequence. The query heads of a kv group become that group's query rows,
+        so grouped-query attention needs no key/value repeat: q [S, kv_heads, group, head_dim]."""
+        num_seqs, num_heads, head_dim = query.shape
+        num_kv_heads = kv_cache.shape[3]
+        max_len = max(meta.seq_lens_cpu)
+        keys = _gather_context(kv_cache[:, 0], meta.block_tables, meta.block_size, max_len)
+        values = _gather_context(kv_cache[:, 1], meta.block_tables, meta.block_size, max_len)
+        key_pos = torch.arange(keys.shape[1], device=query.device)
+        mask = key_pos.unsqueeze(0) < meta.seq_lens.to(query.device).unsqueeze(1)  # [S, L]
+        # Padding slots hold whatever the pool left there (NaN included); 0 * NaN would leak through.
+        keys.masked_fill_(~mask[:, :, None, None], 0.0)
+        values.masked_fill_(~mask[:, :, None, None], 0.0)
+        # [S, L, kv_heads, head_dim] -> [S, kv_heads, L, head_dim]
+        keys = keys.transpose(1, 2).to(query.dtype)
+        values = values.transpose(1, 2).to(query.dtype)
+        q = query.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        return out.reshape(num_seqs, num_heads, head_dim)
+
+    def _attend_per_sequence(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Any mix of prefill, chunked prefill and decode: one attention call per sequence."""
+        out = torch.empty_like(query)
+        start = 0
+        for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            if query_len == 0:
+                continue
+            end = start + query_len
+            block_table = meta.block_tables[i]
+            keys = _gather_context(kv_cache[:, 0], block_table, meta.block_size, seq_len)[:seq_len]
+            values = _gather_context(kv_cache[:, 1], block_table, meta.block_size, seq_len)[:seq_len]
+            out[start:end] = _causal_attention(query[start:end], keys, values, scale)
+            start = end
+        return out
+
+
+def _causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [q, heads, d] are the last q positions of a context keys/values [L, kv_heads, d].
+
+    Query j sits at position L - q + j and sees keys 0..L - q + j. Returns [q, heads, d].
+    """
+    query_len, seq_len = query.shape[0], keys.shape[0]
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device)
+    k_pos = torch.arange(seq_len, device=query.device)
+    mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [q, L]
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),  # [heads, q, d]
+        keys.transpose(0, 1).to(query.dtype),  # [kv_heads, L, d]
+        values.transpose(0, 1).to(query.dtype),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

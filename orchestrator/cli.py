@@ -1,0 +1,62 @@
+"""The `tandem` command line. Each subcommand imports only what it needs, so `tandem --help`
+and the orchestrator's own commands never pay for torch."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: disaggregated prefill/decode LLM serving.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser("generate", help="generate text from a prompt on this machine (no server)")
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--device", default="auto")
+    generate.add_argument("--dtype", default="auto")
+    generate.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from tandem.models.errors import ModelLoadError
+    from tandem.workers import LLM, SamplingParams
+    from tandem.workers.errors import InvalidRequestError
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
+        llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        for out in llm.stream(prompt, params):
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (InvalidRequestError, ModelLoadError, ValueError) as e:
+        print(f"tandem generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

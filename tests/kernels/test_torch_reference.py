@@ -1,0 +1,161 @@
+"""TorchReferenceBackend against naive dense causal attention over the same keys and values."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from tandem.kernels.interface import AttentionMetadata, BackendKind
+from tandem.kernels.select import select_backend
+from tandem.kernels.torch_reference import TorchReferenceBackend
+
+NUM_LAYERS = 3
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+LAYER = 1  # the layer under test, in the middle of the block-major cache
+
+
+def make_metadata(
+    cached_lens: list[int], query_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator
+) -> AttentionMetadata:
+    """Shuffled, non-contiguous block tables; each sequence owns ceil(seq_len / block_size) blocks."""
+    blocks_needed = [-(-(c + q) // block_size) for c, q in zip(cached_lens, query_lens)]
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    assert sum(blocks_needed) <= num_blocks
+    block_tables = torch.zeros(len(blocks_needed), max(blocks_needed), dtype=torch.int32)
+    for i, n in enumerate(blocks_needed):
+        block_tables[i, :n] = torch.tensor(perm[:n])
+        perm = perm[n:]
+    return metadata_for(block_tables, cached_lens, query_lens, block_size)
+
+
+def metadata_for(
+    block_tables: torch.Tensor, cached_lens: list[int], query_lens: list[int], block_size: int
+) -> AttentionMetadata:
+    """Metadata of a step that appends query_lens[i] tokens after cached_lens[i] cached ones."""
+    seq_lens = [c + q for c, q in zip(cached_lens, query_lens)]
+    slots = [
+        int(block_tables[i, pos // block_size]) * block_size + pos % block_size
+        for i, (cached, seq_len) in enumerate(zip(cached_lens, seq_lens))
+        for pos in range(cached, seq_len)
+    ]
+    return AttentionMetadata(
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_lens_cpu=tuple(query_lens),
+        seq_lens_cpu=tuple(seq_lens),
+        block_size=block_size,
+    )
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [ql, H, D] are the last ql positions of k/v [L, KVH, D]; dense softmax with a causal mask."""
+    query_len, seq_len = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    q_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+    scores = scores.masked_fill(torch.arange(seq_len)[None, :] > q_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, device: str) -> None:
+    gen = torch.Generator().manual_seed(sum(cached_lens) * 31 + sum(query_lens) + block_size)
+    num_heads, num_kv_heads, head_dim, num_blocks = 8, 2, 16, 64
+    scale = head_dim**-0.5
+    # Block-major cache of all layers, filled with NaN: nothing unwritten may reach the output.
+    full = torch.full((num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim), float("nan"))
+    meta = to_device(make_metadata(cached_lens, query_lens, block_size, num_blocks, gen), device)
+    full = full.to(device)
+    kv_cache = full[:, LAYER]
+    backend = TorchReferenceBackend()
+    seq_k = [torch.randn(c + q, num_kv_heads, head_dim, generator=gen) for c, q in zip(cached_lens, query_lens)]
+    seq_v = [torch.randn(c + q, num_kv_heads, head_dim, generator=gen) for c, q in zip(cached_lens, query_lens)]
+    # The cached prefixes were written by earlier steps: store them through the same slot arithmetic.
+    if sum(cached_lens):
+        prefix = metadata_for(meta.block_tables, [0] * len(cached_lens), cached_lens, block_size)
+        prefix_k, prefix_v = prefix_kv(seq_k, seq_v, cached_lens)
+        backend.store_kv(kv_cache, prefix_k.to(device), prefix_v.to(device), to_device(prefix, device))
+    new_k = torch.cat([k[c:] for k, c in zip(seq_k, cached_lens)])
+    new_v = torch.cat([v[c:] for v, c in zip(seq_v, cached_lens)])
+    backend.store_kv(kv_cache, new_k.to(device), new_v.to(device), meta)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
+    out = backend.attend(query.to(device), kv_cache, meta, scale).cpu()
+    start = 0
+    for k, v, q_len in zip(seq_k, seq_v, query_lens):
+        expected = naive_attention(query[start : start + q_len], k, v, scale)
+        torch.testing.assert_close(out[start : start + q_len], expected, atol=1e-5, rtol=1e-5)
+        start += q_len
+    assert not full[:, LAYER - 1].isfinite().any() and not full[:, LAYER + 1].isfinite().any()
+
+
+def to_device(meta: AttentionMetadata, device: str) -> AttentionMetadata:
+    return dataclasses.replace(
+        meta,
+        query_start_loc=meta.query_start_loc.to(device),
+        seq_lens=meta.seq_lens.to(device),
+        block_tables=meta.block_tables.to(device),
+        slot_mapping=meta.slot_mapping.to(device),
+    )
+
+
+def prefix_kv(
+    seq_k: list[torch.Tensor], seq_v: list[torch.Tensor], cached_lens: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.cat([k[:c] for k, c in zip(seq_k, cached_lens)]),
+        torch.cat([v[:c] for v, c in zip(seq_v, cached_lens)]),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_pure_prefill(block_size: int, device: str) -> None:
+    run_case(cached_lens=[0, 0, 0], query_lens=[7, 1, 23], block_size=block_size, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_chunked_prefill_continues_cached_prefix(block_size: int, device: str) -> None:
+    run_case(cached_lens=[5, 16, 0], query_lens=[9, 3, 4], block_size=block_size, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_decode_batch(block_size: int, device: str) -> None:
+    run_case(cached_lens=[0, 3, 16, 30, 8], query_lens=[1, 1, 1, 1, 1], block_size=block_size, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_mixed_prefill_and_decode(block_size: int, device: str) -> None:
+    run_case(cached_lens=[12, 0, 6, 1], query_lens=[1, 10, 5, 1], block_size=block_size, device=device)
+
+
+def test_store_kv_writes_only_its_slots() -> None:
+    block_size, kv_heads, head_dim = 4, 2, 8
+    full = torch.zeros(6, NUM_LAYERS, 2, block_size, kv_heads, head_dim)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 2], dtype=torch.int32),
+        seq_lens=torch.tensor([2], dtype=torch.int32),
+        block_tables=torch.tensor([[5]], dtype=torch.int32),
+        slot_mapping=torch.tensor([21, 22]),  # block 5, offsets 1 and 2
+        query_lens_cpu=(2,),
+        seq_lens_cpu=(2,),
+        block_size=block_size,
+    )
+    key, value = torch.ones(2, kv_heads, head_dim), torch.full((2, kv_heads, head_dim), 2.0)
+    TorchReferenceBackend().store_kv(full[:, LAYER], key, value, meta)
+    assert full[5, LAYER, 0, 1:3].eq(1).all() and full[5, LAYER, 1, 1:3].eq(2).all()
+    assert full.count_nonzero() == 2 * 2 * kv_heads * head_dim
+
+
+def test_select_backend_logs_choice(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="tandem.kernels.select"):
+        backend = select_backend(torch.device("cpu"))
+    assert backend.kind is BackendKind.TORCH_REFERENCE
+    assert "torch reference" in caplog.text

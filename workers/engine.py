@@ -1,0 +1,253 @@
+"""The engine of one worker: requests in, tokens and text out, one scheduler step at a time.
+
+Each step: the scheduler plans which sequences run and how many tokens each; the model runner
+computes them into the paged KV cache; the sampler picks a token for every sequence whose known
+tokens are now all computed; stop conditions and the detokenizer turn tokens into outputs. Every
+finished, aborted or failed request returns its blocks to the pool.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tandem.kernels.select import select_backend
+from tandem.kvtransfer.block_pool import BlockPool
+from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache, layer_views, num_blocks_for_budget
+from tandem.models.loader import LoadedModel, load_model
+from tandem.workers.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig
+from tandem.workers.config import resolve_device, resolve_dtype
+from tandem.workers.detokenizer import IncrementalDetokenizer
+from tandem.workers.errors import InvalidRequestError
+from tandem.workers.kv_blocks import SequenceBlocks
+from tandem.workers.model_runner import ModelRunner
+from tandem.workers.sampler import Sampler, SamplingInput, TokenLogprobs, make_generator
+from tandem.workers.sampling_params import SamplingParams
+from tandem.workers.scheduler import ScheduledChunk, Scheduler
+from tandem.workers.sequence import FinishReason, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request: a delta, plus totals for usage accounting."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    new_logprobs: tuple[TokenLogprobs, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    num_output_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class LLMEngine:
+    """A continuous-batching engine over one model on one device. Not thread-safe: one caller
+    drives step(); the serving layers above own concurrency."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device) -> None:
+        self.config = config
+        self.tokenizer: PreTrainedTokenizerBase | None = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = int(loaded.config.vocab_size)
+        self.device = device
+        spec = _kv_cache_spec(loaded, config, next(loaded.model.parameters()).dtype)
+        num_blocks = _num_blocks(spec, config, device)
+        self.pool = BlockPool(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
+        self.max_model_len = min(config.max_model_len or loaded.max_model_len, num_blocks * spec.block_size)
+        self.scheduler = Scheduler(config.scheduler, SequenceBlocks(self.pool))
+        kv_cache = allocate_kv_cache(spec, num_blocks, device)
+        backend = select_backend(device)
+        self.runner = ModelRunner(loaded.model, layer_views(kv_cache), backend, spec.block_size, device)
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+        self._finished_outputs: list[RequestOutput] = []
+        self.num_prompt_tokens_computed = 0
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
+            num_blocks, spec.block_size, num_blocks * spec.bytes_per_block / 2**20, self.max_model_len,
+        )
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(config.model, dtype=dtype, device=device, show_progress=config.show_progress)
+        return cls(loaded, config, device)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> None:
+        """Queue a request. Raises InvalidRequestError, changing nothing, when it can't be served."""
+        if request_id in self.requests:
+            raise InvalidRequestError("duplicate request id", field="request_id", request_id=request_id)
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams", field="params", request_id=request_id)
+        token_ids = self._tokenize(request_id, prompt)
+        seq = Sequence(request_id, token_ids, params)
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, token_ids, stop=params.stop, skip_special_tokens=params.skip_special_tokens
+            )
+        generator = None if params.greedy else make_generator(params.seed, self.device)
+        self.requests[request_id] = _Request(seq, detokenizer, generator)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; its final output comes from the next step()."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, FinishReason.ABORT, "")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._finished_outputs)
+
+    def _tokenize(self, request_id: str, prompt: str | Seq[int]) -> tuple[int, ...]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass token ids", field="prompt", request_id=request_id)
+            token_ids = tuple(self.tokenizer(prompt)["input_ids"]) if prompt else ()
+        else:
+            token_ids = tuple(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in token_ids):
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {self.vocab_size})", field="prompt", request_id=request_id
+                )
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty", field="prompt", request_id=request_id)
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "and at least one must be left to generate",
+                field="prompt",
+                request_id=request_id,
+            )
+        return token_ids
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the outputs of every request that changed."""
+        outputs = self._finished_outputs
+        self._finished_outputs = []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        sampling = [c for c in plan.chunks if c.completes_sequence]
+        try:
+            logits = self.runner.execute(plan.chunks)
+        except Exception:
+            logger.exception("model step failed; aborting the %d requests in it", len(plan.chunks))
+            for chunk in plan.chunks:
+                self._finish(self.requests[chunk.seq.request_id], FinishReason.ABORT, "")
+            return outputs + self._drain_finished()
+        for chunk in plan.chunks:
+            self._account_computed(chunk)
+        if sampling:
+            outputs.extend(self._sample_and_append(sampling, logits))
+        return outputs + self._drain_finished()
+
+    def _account_computed(self, chunk: ScheduledChunk) -> None:
+        seq = chunk.seq
+        start = seq.num_computed_tokens
+        prompt_part = max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
+        seq.num_computed_prompt_tokens += prompt_part
+        self.num_prompt_tokens_computed += prompt_part
+        seq.num_computed_tokens += chunk.num_tokens
+        self.scheduler.blocks.register_full_blocks(seq)
+
+    def _sample_and_append(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        requests = [self.requests[c.seq.request_id] for c in chunks]
+        rows = [SamplingInput(r.seq.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.generator) for r in requests]
+        sampled = self.sampler(logits, rows)
+        outputs = []
+        for request, token_id, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
+            output = self._append_token(request, token_id, logprobs)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _append_token(self, request: _Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput | None:
+        seq = request.seq
+        params = seq.params
+        seq.token_ids.append(token_id)
+        if logprobs is not None:
+            request.pending_logprobs.append(logprobs)
+        is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
+        text = ""
+        if request.detokenizer is not None and not is_stop_token:
+            text = request.detokenizer.push(token_id)
+        if is_stop_token or (request.detokenizer is not None and request.detokenizer.stopped):
+            self._finish(request, FinishReason.STOP, text)
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(request, FinishReason.LENGTH, text)
+        else:
+            return self._output(request, (token_id,), text, None)
+        return None
+
+    def _finish(self, request: _Request, reason: FinishReason, text: str) -> None:
+        """Free the request's blocks at once and queue its last output for the caller."""
+        seq = request.seq
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        del self.requests[seq.request_id]
+        if request.detokenizer is not None and reason is not FinishReason.ABORT:
+            text += request.detokenizer.finish()
+        new_tokens = (seq.token_ids[-1],) if reason is not FinishReason.ABORT and seq.num_output_tokens else ()
+        self._finished_outputs.append(self._output(request, new_tokens, text, reason))
+
+    def _drain_finished(self) -> list[RequestOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        return outputs
+
+    def _output(
+        self, request: _Request, new_tokens: tuple[int, ...], text: str, reason: FinishReason | None
+    ) -> RequestOutput:
+        seq = request.seq
+        logprobs, request.pending_logprobs = tuple(request.pending_logprobs), []
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_tokens,
+            new_text=text,
+            new_logprobs=logprobs,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+
+def _kv_cache_spec(loaded: LoadedModel, config: EngineConfig, dtype: torch.dtype) -> KVCacheSpec:
+    hf = loaded.config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    return KVCacheSpec(hf.num_hidden_layers, num_kv_heads, head_dim, config.cache.block_size, dtype)
+
+
+def _num_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.device) -> int:
+    cache = config.cache
+    if cache.num_bytes is None and cache.memory_fraction is None:
+        if device.type == "cuda":
+            return num_blocks_for_budget(spec, memory_fraction=DEFAULT_GPU_KV_CACHE_FRACTION, device=device)
+        return num_blocks_for_budget(spec, num_bytes=DEFAULT_CPU_KV_CACHE_BYTES, device=device)
+    return num_blocks_for_budget(spec, num_bytes=cache.num_bytes, memory_fraction=cache.memory_fraction, device=device)

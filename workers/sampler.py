@@ -1,0 +1,208 @@
+"""Token choice for one decode step: penalties, greedy/sampled selection, logprobs.
+
+The sampler owns the step from a batch of raw logits to one token id per row. It is
+stateless across steps: each row brings its params, its token history and its own
+`torch.Generator`, so a seeded request draws the same tokens whatever else shares the
+batch and in whatever order. The engine keeps one generator per request
+(`make_generator`) and hands it in every step.
+
+Order of operations per row (vLLM/OpenAI semantics):
+  1. logprobs from log_softmax of the raw logits (before any penalty or temperature);
+  2. repetition (HF), frequency and presence penalties;
+  3. greedy rows: argmax; sampled rows: temperature, top_k, top_p, min_p, then one
+     multinomial draw with the row's generator.
+Work that costs a pass over the vocabulary is batched; rows that do not need a stage
+skip it (no penalty tensors when no row penalizes, no sort when no row uses top_k/top_p,
+torch.topk instead of a full sort when every such row sets top_k).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.workers.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingInput:
+    """One row of the batch."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None  # per request; None only for greedy rows
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float  # of the chosen token, from the raw logits
+    top: tuple[tuple[int, float], ...]  # top-N (token, logprob), descending; () when N is 0
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None for rows whose params.logprobs is None
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator for one request; an unseeded request still gets its own random stream."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Chooses one token per row from `logits` [num_rows, vocab]."""
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        raw = logits.float()  # [n, V]
+        penalized = _apply_penalties(raw, rows)  # [n, V], a new tensor when any row penalizes
+        device = raw.device
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)  # [n]
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if greedy:
+            index = torch.tensor(greedy, device=device)
+            token_ids[index] = torch.argmax(penalized[index], dim=-1)
+        if sampled:
+            index = torch.tensor(sampled, device=device)
+            token_ids[index] = _sample(penalized[index], [rows[i] for i in sampled])
+        chosen = token_ids.tolist()
+        return SamplerOutput(token_ids=chosen, logprobs=_gather_logprobs(raw, chosen, rows))
+
+
+def _uses_penalties(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+    )
+
+
+def _token_counts(
+    token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """Occurrences of each token per row: [len(token_ids), vocab] float32."""
+    counts = torch.zeros(len(token_ids) * vocab_size, dtype=torch.float32, device=device)  # [r * V]
+    lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))  # [r]
+    total = int(lengths.sum())
+    if total:
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)  # [t]
+        flat += np.repeat(np.arange(len(token_ids), dtype=np.int64) * vocab_size, lengths)
+        index = torch.from_numpy(flat).to(device)  # [t], row * V + token
+        counts.index_put_((index,), torch.ones(total, device=device), accumulate=True)
+    return counts.view(len(token_ids), vocab_size)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    """Repetition, frequency and presence penalties; returns `logits` itself when no row uses any."""
+    picked = [i for i, row in enumerate(rows) if _uses_penalties(row.params)]
+    if not picked:
+        return logits
+    device, vocab = logits.device, logits.shape[1]
+    params = [rows[i].params for i in picked]
+    index = torch.tensor(picked, device=device)
+    sub = logits[index]  # [p, V] copy
+    out_counts = _token_counts([rows[i].output_token_ids for i in picked], vocab, device)  # [p, V]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        prompts = [
+            rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else ()
+            for i, p in zip(picked, params)
+        ]
+        seen = (_token_counts(prompts, vocab, device) > 0) | (out_counts > 0)  # [p, V]
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)  # [p, 1]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)  # [p, 1]
+    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)  # [p, 1]
+    sub = sub - freq * out_counts - pres * (out_counts > 0).float()
+    return logits.index_put((index,), sub)
+
+
+def _top_k_top_p_cutoff(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Lowest logit that top_k/top_p keep, per row: [r, 1]; tokens below it are dropped.
+
+    A value cutoff (not a rank mask) keeps tied tokens together, so the kept set depends on
+    the row's values alone, never on sort order or on the other rows' top_k.
+    """
+    device, vocab = logits.device, logits.shape[1]
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    if all(p.top_k > 0 for p in params):
+        ranked = torch.topk(logits, min(max(top_k), vocab), dim=-1).values  # [r, K] descending
+    else:
+        ranked = torch.sort(logits, dim=-1, descending=True).values  # [r, V]
+    rank = torch.arange(ranked.shape[1], device=device).unsqueeze(0)  # [1, K]
+    drop = rank >= torch.tensor(top_k, device=device).unsqueeze(1)  # [r, K]
+    # top_p >= 1 disables the filter: +inf keeps rounding in the cumsum from dropping tail tokens.
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)  # [r]
+    probs = torch.softmax(ranked.masked_fill(drop, -math.inf), dim=-1)  # [r, K]
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [r, K]; 0 at rank 0, so one token always stays
+    drop |= mass_before >= top_p.unsqueeze(1)
+    return ranked.masked_fill(drop, math.inf).min(dim=-1, keepdim=True).values
+
+
+def _sample(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    """One draw per row from filtered, tempered `logits` [s, V]; returns token ids [s]."""
+    device = logits.device
+    params = [row.params for row in rows]
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [s, 1]
+    logits = logits / temperature
+    filtered = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
+    if filtered:
+        index = torch.tensor(filtered, device=device)
+        sub = logits[index]  # [f, V]
+        cutoff = _top_k_top_p_cutoff(sub, [params[i] for i in filtered])  # [f, 1]
+        logits = logits.index_put((index,), sub.masked_fill(sub < cutoff, -math.inf))
+    if any(p.min_p > 0.0 for p in params):
+        # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all.
+        log_min_p = torch.tensor([p.min_p for p in params], device=device).log().unsqueeze(1)  # [s, 1]
+        threshold = logits.max(dim=-1, keepdim=True).values + log_min_p  # [s, 1]
+        logits = logits.masked_fill(logits < threshold, -math.inf)
+    probs = torch.softmax(logits, dim=-1)  # [s, V]
+    # One multinomial draw per row, as torch.multinomial(probs, 1) computes it (argmax of
+    # probs / Exp(1) noise), minus its per-call validation syncs: the noise of each row comes
+    # from that row's generator alone, the argmax is batched.
+    noise = torch.empty_like(probs)  # [s, V]
+    for i, row in enumerate(rows):
+        if row.generator is None:
+            raise ValueError("a sampled row (temperature > 0) needs its request's generator")
+        noise[i].exponential_(generator=row.generator)
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a zero draw would turn p = 0 into 0 / 0
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def _gather_logprobs(
+    raw: torch.Tensor, token_ids: Sequence[int], rows: Sequence[SamplingInput]
+) -> list[TokenLogprobs | None]:
+    """Chosen and top-N logprobs from the raw logits [n, V] for rows that ask for them."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(rows)
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, device=raw.device)
+    logprobs = torch.log_softmax(raw[index], dim=-1)  # [w, V]
+    chosen_ids = [token_ids[i] for i in wanted]
+    chosen_index = torch.tensor(chosen_ids, device=raw.device).unsqueeze(1)  # [w, 1]
+    chosen = logprobs.gather(1, chosen_index).squeeze(1).tolist()  # [w]
+    num_top = max(rows[i].params.logprobs or 0 for i in wanted)
+    top_values: list[list[float]] = [[] for _ in wanted]
+    top_ids: list[list[int]] = [[] for _ in wanted]
+    if num_top > 0:
+        values, ids = torch.topk(logprobs, num_top, dim=-1)  # [w, N], descending
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(wanted):
+        n = rows[i].params.logprobs or 0
+        top = tuple(zip(top_ids[j][:n], top_values[j][:n]))
+        result[i] = TokenLogprobs(token_id=chosen_ids[j], logprob=chosen[j], top=top)
+    return result
