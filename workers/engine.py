@@ -12,7 +12,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tandem.kernels.select import select_backend
 from tandem.kvtransfer.block_pool import BlockPool
@@ -68,7 +68,7 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = device
-        spec = _kv_cache_spec(loaded, config, next(loaded.model.parameters()).dtype)
+        spec = kv_cache_spec(loaded.config, config.cache.block_size, next(loaded.model.parameters()).dtype)
         num_blocks = _num_blocks(spec, config, device)
         self.pool = BlockPool(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, num_blocks * spec.block_size)
@@ -79,7 +79,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._finished_outputs: list[RequestOutput] = []
-        self.num_prompt_tokens_computed = 0
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (cache hits excluded)
+        self.num_preemptions = 0
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks, spec.block_size, num_blocks * spec.bytes_per_block / 2**20, self.max_model_len,
@@ -151,6 +152,7 @@ class LLMEngine:
         outputs = self._finished_outputs
         self._finished_outputs = []
         plan = self.scheduler.schedule()
+        self.num_preemptions += len(plan.preempted)
         if plan.is_empty:
             return outputs
         sampling = [c for c in plan.chunks if c.completes_sequence]
@@ -237,11 +239,11 @@ class LLMEngine:
         )
 
 
-def _kv_cache_spec(loaded: LoadedModel, config: EngineConfig, dtype: torch.dtype) -> KVCacheSpec:
-    hf = loaded.config
+def kv_cache_spec(hf: PretrainedConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    """The KV cache geometry a model needs: one (key, value) pair per layer and kv head."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    return KVCacheSpec(hf.num_hidden_layers, num_kv_heads, head_dim, config.cache.block_size, dtype)
+    return KVCacheSpec(hf.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
 
 
 def _num_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.device) -> int:

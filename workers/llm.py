@@ -70,7 +70,17 @@ class LLM:
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
         )
-        self.engine = LLMEngine.from_config(config)
+        self._attach(LLMEngine.from_config(config))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an engine built elsewhere, e.g. a second KV-cache size over an already loaded model."""
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
         self._ids = itertools.count()
 
     @property

@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded SmolLM2 loaded once per session, and its transformers twin.
+
+Loading either takes seconds on a 2-core machine, so every test that needs the real model shares
+one copy; tests that need another KV-cache size build a new engine over the same weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from tandem.models.loader import LoadedModel, load_model
+from tandem.models.source import resolve_model
+from tandem.workers.config import CacheConfig, EngineConfig
+from tandem.workers.engine import LLMEngine, kv_cache_spec
+from tandem.workers.llm import LLM
+from tandem.workers.scheduler import SchedulerConfig
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    return load_model(None, dtype=torch.float32, device=CPU, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own load of the same GGUF file: the reference for token-exact tests."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(None)
+    return AutoModelForCausalLM.from_pretrained(str(source.path), gguf_file=source.gguf_file, dtype=torch.float32).eval()
+
+
+LLMFactory = Callable[..., LLM]
+
+
+@pytest.fixture(scope="session")
+def make_llm(smollm2: LoadedModel) -> LLMFactory:
+    """An LLM over the shared SmolLM2 weights with its own KV cache and scheduler limits."""
+
+    def make(num_blocks: int = 512, block_size: int = 16, **scheduler: int) -> LLM:
+        spec_bytes = kv_cache_spec(smollm2.config, block_size, torch.float32).bytes_per_block
+        config = EngineConfig(
+            cache=CacheConfig(block_size=block_size, num_bytes=num_blocks * spec_bytes),
+            scheduler=SchedulerConfig(**scheduler),
+        )
+        return LLM.from_engine(LLMEngine(smollm2, config, CPU))
+
+    return make
+
