@@ -25,6 +25,7 @@ from tandem.models.errors import ModelLoadError, WeightFileError
 from tandem.models.layers import (
     Attention,
     ParallelLMHead,
+    PrepackedWeight,
     QKVParallelLinear,
     RMSNorm,
     RotaryEmbedding,
@@ -157,6 +158,12 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
         return self.lm_head.compute_logits(hidden)
+
+    def prepare_for_inference(self) -> None:
+        """Once the weights are loaded: give every matmul its device-specific weight layout."""
+        for module in self.modules():
+            if isinstance(module, PrepackedWeight):
+                module.prepack()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full HF checkpoint tensors by name; raises WeightFileError on an unknown, misshapen

@@ -47,6 +47,7 @@ def load_model(
         module = model_class(config)
     module.load_weights(iter_weights(source, show_progress=show_progress, config=config))
     module.eval()
+    module.prepare_for_inference()
     tokenizer = load_tokenizer(source) if _has_tokenizer(source) else None
     logger.info(
         "loaded %s (%s) on %s as %s in %.1f s",

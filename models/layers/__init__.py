@@ -3,6 +3,7 @@ embedding and the paged-attention call."""
 from tandem.models.layers.attention import Attention
 from tandem.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tandem.models.layers.linear import (
+    PrepackedWeight,
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -15,6 +16,7 @@ from tandem.models.layers.norm import RMSNorm
 from tandem.models.layers.rotary import RopeSpec, RotaryEmbedding, apply_rotary, rope_spec_from_config
 
 __all__ = [
+    "PrepackedWeight",
     "Attention",
     "ColumnParallelLinear",
     "MergedColumnParallelLinear",

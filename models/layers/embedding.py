@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.layers.linear import TensorParallel, copy_weight
+from tandem.models.layers.linear import PrepackedWeight, TensorParallel, copy_weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -51,11 +51,11 @@ class VocabParallelEmbedding(nn.Module):
         return out
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PrepackedWeight, VocabParallelEmbedding):
     """hidden [N, hidden] -> logits [N, vocab] in float32, gathered over ranks."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, rows_per_rank]
+        logits = self.matmul(hidden, None)  # [N, rows_per_rank]
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
             dist.all_gather(parts, logits)

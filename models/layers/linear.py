@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels.cpu_linear import can_prepack, packed_linear, prepack
+
 
 @dataclass(frozen=True, slots=True)
 class TensorParallel:
@@ -75,7 +77,24 @@ def _new_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class PrepackedWeight:
+    """Mixin: an optional device-specific copy of `weight`, made once after loading (CPU: oneDNN
+    blocked layout). `weight` stays the loaded, HF-shaped tensor that the checkpoint filled."""
+
+    weight: nn.Parameter
+    packed_weight: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        if can_prepack(self.weight):
+            self.packed_weight = prepack(self.weight)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(PrepackedWeight, nn.Module):
     """y = x W^T + b with W's output rows split across ranks; outputs stay sharded (no gather)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TensorParallel) -> None:
@@ -102,7 +121,7 @@ class ColumnParallelLinear(nn.Module):
         copy_weight(param.data, self._rank_slice(loaded_weight, self.output_size_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out / tp]
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -166,7 +185,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PrepackedWeight, nn.Module):
     """y = x W^T + b with W's input columns split across ranks; partial outputs are all-reduced.
 
     Its input is the sharded output of a column-parallel layer. The bias is added on rank 0 only,
@@ -193,7 +212,7 @@ class RowParallelLinear(nn.Module):
 
     def partial_forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
         """This rank's summand of the output, before the all-reduce."""
-        return F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        return self.matmul(x, self.bias if self.tp.rank == 0 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out]
         out = self.partial_forward(x)
