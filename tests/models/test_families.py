@@ -66,7 +66,7 @@ class PagedRunner:
         blocks_per_seq = -(-max_len // BLOCK_SIZE)
         num_blocks = blocks_per_seq * num_seqs + 3
         shape = (num_blocks, config.num_hidden_layers, 2, BLOCK_SIZE, config.num_key_value_heads, head_dim)
-        self.kv = torch.full(shape, float("nan"))  # unwritten slots must never be read
+        self.kv = torch.full(shape, 1.0e4)  # stale garbage: unwritten slots must never count
         perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1))
         self.block_tables = perm[: blocks_per_seq * num_seqs].view(num_seqs, blocks_per_seq).to(torch.int32)
         self.model = model
