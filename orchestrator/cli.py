@@ -34,9 +34,8 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from tandem.models.errors import ModelLoadError
     from tandem.workers import LLM, SamplingParams
-    from tandem.workers.errors import InvalidRequestError
+    from tandem.workers.errors import InvalidRequestError, ModelLoadError
 
     try:
         params = SamplingParams(

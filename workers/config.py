@@ -8,7 +8,7 @@ import torch
 from tandem.workers.scheduler import SchedulerConfig
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-DEFAULT_GPU_KV_CACHE_FRACTION = 0.5
+DEFAULT_GPU_KV_CACHE_FRACTION = 0.5  # of the GPU memory free after the weights are loaded
 
 
 @dataclass(frozen=True, slots=True)

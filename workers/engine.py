@@ -250,6 +250,9 @@ def _num_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.device) -
     cache = config.cache
     if cache.num_bytes is None and cache.memory_fraction is None:
         if device.type == "cuda":
-            return num_blocks_for_budget(spec, memory_fraction=DEFAULT_GPU_KV_CACHE_FRACTION, device=device)
+            # Of the memory still free once the weights are in, so that other engines or
+            # processes sharing the GPU keep what they hold.
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+            return num_blocks_for_budget(spec, num_bytes=int(free_bytes * DEFAULT_GPU_KV_CACHE_FRACTION), device=device)
         return num_blocks_for_budget(spec, num_bytes=DEFAULT_CPU_KV_CACHE_BYTES, device=device)
     return num_blocks_for_budget(spec, num_bytes=cache.num_bytes, memory_fraction=cache.memory_fraction, device=device)
