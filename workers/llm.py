@@ -10,6 +10,7 @@ All prompts of one generate() call run together in the continuous batch.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -82,6 +83,9 @@ class LLM:
     def _attach(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._ids = itertools.count()
+        # Outputs per request id, filled by whichever caller steps the engine: several streams
+        # (and a generate) may be open at once, and none may swallow another's tokens.
+        self._outputs: dict[str, deque[RequestOutput]] = {}
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer, or None for a bare checkpoint
@@ -91,49 +95,53 @@ class LLM:
         self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
     ) -> list[CompletionOutput]:
         """Run every prompt to completion in one continuous batch; outputs keep the prompts' order.
-        A bad prompt raises InvalidRequestError before any request is queued."""
+        A bad prompt raises InvalidRequestError and none of the prompts is left running."""
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
         request_ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
-        results = {rid: CompletionOutput(rid, p) for rid, p in zip(request_ids, prompt_list)}
-        added: list[str] = []
         try:
             for rid, prompt, p in zip(request_ids, prompt_list, param_list):
-                self.engine.add_request(rid, prompt, p)
-                added.append(rid)
-        except InvalidRequestError:
-            for rid in added:
-                self.engine.abort(rid)
-            self._drain({rid: results[rid] for rid in added})
-            raise
-        self._drain(results)
+                self._add(rid, prompt, p)
+            results = {rid: CompletionOutput(rid, p) for rid, p in zip(request_ids, prompt_list)}
+            for rid in request_ids:
+                for out in self._follow(rid):
+                    results[rid].add(out)
+        finally:
+            for rid in request_ids:
+                self._forget(rid)
         return [results[rid] for rid in request_ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one request's deltas as the engine produces them. Closing the iterator early
         aborts the request and frees its blocks."""
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, params or SamplingParams())
-        finished = False
+        self._add(rid, prompt, params or SamplingParams())
         try:
-            while not finished:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        finished = out.finished
-                        yield out
+            yield from self._follow(rid)
         finally:
-            if not finished:
-                self.engine.abort(rid)
-                self.engine.step()
+            self._forget(rid)
 
-    def _drain(self, results: dict[str, CompletionOutput]) -> None:
-        pending = set(results)
-        while pending:
-            for out in self.engine.step():
-                if out.request_id in results:
-                    results[out.request_id].add(out)
-                    if out.finished:
-                        pending.discard(out.request_id)
+    def _add(self, rid: str, prompt: Prompt, params: SamplingParams) -> None:
+        self.engine.add_request(rid, prompt, params)
+        self._outputs[rid] = deque()
+
+    def _follow(self, rid: str) -> Iterator[RequestOutput]:
+        """rid's outputs up to its last, stepping the engine whenever none is waiting."""
+        queue = self._outputs[rid]
+        while True:
+            while not queue:
+                for out in self.engine.step():
+                    if out.request_id in self._outputs:
+                        self._outputs[out.request_id].append(out)
+            out = queue.popleft()
+            yield out
+            if out.finished:
+                return
+
+    def _forget(self, rid: str) -> None:
+        """Stop tracking rid; abort it (freeing its blocks at once) if it has not finished."""
+        if self._outputs.pop(rid, None) is not None:
+            self.engine.abort(rid)
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

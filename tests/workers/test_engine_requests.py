@@ -118,3 +118,14 @@ def test_bad_sampling_params_name_the_field(kwargs, field) -> None:
     with pytest.raises(InvalidRequestError, match=field) as err:
         SamplingParams(**kwargs)
     assert err.value.field == field
+
+
+def test_two_open_streams_each_get_all_their_tokens(llm) -> None:
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = [llm.generate(p, params)[0].token_ids for p in (PROMPT, "Once upon a time")]
+    first, second = llm.stream(PROMPT, params), llm.stream("Once upon a time", params)
+    got: list[list[int]] = [[], []]
+    for _ in range(6):  # interleaved: stepping for one stream must not swallow the other's output
+        got[0].extend(next(first).new_token_ids)
+        got[1].extend(next(second).new_token_ids)
+    assert got == expected
