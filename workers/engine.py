@@ -149,8 +149,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the outputs of every request that changed."""
-        outputs = self._finished_outputs
-        self._finished_outputs = []
+        outputs = self._drain_finished()  # aborts since the last step
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
         if plan.is_empty:
