@@ -130,26 +130,47 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
     return logits.index_put((index,), sub)
 
 
+# How many of the highest logits top-p looks at first. A language model's top_p nucleus almost
+# always lies within them, which spares a full sort of the vocabulary (35 ms for 16 rows of 49k
+# on a 2-core CPU); a row whose nucleus is wider makes the step fall back to the full sort.
+TOP_P_CANDIDATES = 1024
+
+
 def _top_k_top_p_cutoff(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Lowest logit that top_k/top_p keep, per row: [r, 1]; tokens below it are dropped.
 
     A value cutoff (not a rank mask) keeps tied tokens together, so the kept set depends on
     the row's values alone, never on sort order or on the other rows' top_k.
     """
+    vocab = logits.shape[1]
+    width = min(vocab, max([TOP_P_CANDIDATES] + [p.top_k for p in params]))
+    cutoff, covered = _cutoff_within(logits, params, width)
+    if not covered:
+        cutoff, _ = _cutoff_within(logits, params, vocab)
+    return cutoff
+
+
+def _cutoff_within(
+    logits: torch.Tensor, params: Sequence[SamplingParams], width: int
+) -> tuple[torch.Tensor, bool]:
+    """The cutoff looking at each row's `width` highest logits, and whether that sufficed: every
+    top_p row without top_k found its nucleus among them (top_p is of the whole vocabulary)."""
     device, vocab = logits.device, logits.shape[1]
-    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-    if all(p.top_k > 0 for p in params):
-        ranked = torch.topk(logits, min(max(top_k), vocab), dim=-1).values  # [r, K] descending
-    else:
-        ranked = torch.sort(logits, dim=-1, descending=True).values  # [r, V]
-    rank = torch.arange(ranked.shape[1], device=device).unsqueeze(0)  # [1, K]
-    drop = rank >= torch.tensor(top_k, device=device).unsqueeze(1)  # [r, K]
+    # top_p is of the whole vocabulary's softmax, renormalized over the top_k set if there is one.
+    ranked_probs, ranked_ids = torch.topk(torch.softmax(logits, dim=-1), width, dim=-1)  # [r, W] descending
+    ranked = logits.gather(1, ranked_ids)  # [r, W]
+    rank = torch.arange(width, device=device).unsqueeze(0)  # [1, W]
+    has_top_k = torch.tensor([p.top_k > 0 for p in params], device=device).unsqueeze(1)  # [r, 1]
+    drop = rank >= torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device).unsqueeze(1)
+    probs = ranked_probs.masked_fill(drop, 0.0)  # [r, W]
+    probs = torch.where(has_top_k, probs / probs.sum(-1, keepdim=True), probs)
     # top_p >= 1 disables the filter: +inf keeps rounding in the cumsum from dropping tail tokens.
     top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)  # [r]
-    probs = torch.softmax(ranked.masked_fill(drop, -math.inf), dim=-1)  # [r, K]
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # [r, K]; 0 at rank 0, so one token always stays
-    drop |= mass_before >= top_p.unsqueeze(1)
-    return ranked.masked_fill(drop, math.inf).min(dim=-1, keepdim=True).values
+    cumulative = torch.cumsum(probs, dim=-1)  # [r, W]
+    drop |= (cumulative - probs) >= top_p.unsqueeze(1)  # mass before a token; rank 0 always stays
+    needs_more = ~has_top_k.squeeze(1) & (top_p <= 1.0) & (cumulative[:, -1] < top_p)  # [r]
+    covered = width == vocab or not bool(needs_more.any())
+    return ranked.masked_fill(drop, math.inf).min(dim=-1, keepdim=True).values, covered
 
 
 def _sample(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
@@ -170,16 +191,17 @@ def _sample(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor
         threshold = logits.max(dim=-1, keepdim=True).values + log_min_p  # [s, 1]
         logits = logits.masked_fill(logits < threshold, -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [s, V]
-    # One multinomial draw per row, as torch.multinomial(probs, 1) computes it (argmax of
-    # probs / Exp(1) noise), minus its per-call validation syncs: the noise of each row comes
-    # from that row's generator alone, the argmax is batched.
-    noise = torch.empty_like(probs)  # [s, V]
+    # Inverse-CDF draw: one uniform number per row from that row's own generator (so a seeded
+    # request is independent of the batch), then one batched search. Zero-probability tokens
+    # are flat steps of the CDF and can never be the first entry above u.
+    cdf = torch.cumsum(probs, dim=-1)  # [s, V]
+    uniform = torch.empty(len(rows), 1, device=device)  # [s, 1]
     for i, row in enumerate(rows):
         if row.generator is None:
             raise ValueError("a sampled row (temperature > 0) needs its request's generator")
-        noise[i].exponential_(generator=row.generator)
-    noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a zero draw would turn p = 0 into 0 / 0
-    return torch.argmax(probs / noise, dim=-1)
+        uniform[i].uniform_(generator=row.generator)
+    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [s, 1]
+    return chosen.squeeze(1).clamp_max(probs.shape[1] - 1)
 
 
 def _gather_logprobs(
