@@ -197,3 +197,18 @@ def test_sampled_row_without_generator_is_rejected() -> None:
     row = SamplingInput(SamplingParams(temperature=1.0), (), (), None)
     with pytest.raises(ValueError):
         Sampler()(_logits(1), [row])
+
+
+def test_top_p_nucleus_wider_than_the_candidates_falls_back_to_the_whole_vocabulary() -> None:
+    from tandem.workers.sampler import TOP_P_CANDIDATES
+
+    vocab = 4 * TOP_P_CANDIDATES
+    logits = -torch.arange(vocab, dtype=torch.float32).unsqueeze(0) * 1e-4  # nearly flat, no ties
+    probs = torch.softmax(logits[0], dim=-1)
+    nucleus = int(((torch.cumsum(probs, 0) - probs) < 0.5).sum())  # tokens top_p=0.5 keeps
+    assert nucleus > TOP_P_CANDIDATES
+    row = _row(SamplingParams(temperature=1.0, top_p=0.5), seed=3)
+    sampler = Sampler()
+    seen = {sampler(logits, [row]).token_ids[0] for _ in range(3000)}
+    assert max(seen) < nucleus
+    assert len(seen) > TOP_P_CANDIDATES  # the draw reached beyond the first candidates
