@@ -17,6 +17,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from tandem.kernels.select import select_backend
 from tandem.kvtransfer.block_pool import BlockPool
 from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache, layer_views, num_blocks_for_budget
+from tandem.models.decoder import head_dim_of
 from tandem.models.loader import LoadedModel, load_model
 from tandem.workers.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig
 from tandem.workers.config import resolve_device, resolve_dtype
@@ -240,7 +241,7 @@ class LLMEngine:
 
 def kv_cache_spec(hf: PretrainedConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
     """The KV cache geometry a model needs: one (key, value) pair per layer and kv head."""
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    head_dim = head_dim_of(hf)
     num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     return KVCacheSpec(hf.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
 

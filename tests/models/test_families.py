@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Pretr
 
 from tandem.kernels.interface import AttentionMetadata, ForwardContext
 from tandem.kernels.torch_reference import TorchReferenceBackend
-from tandem.models.decoder import DecoderForCausalLM
+from tandem.models.decoder import DecoderForCausalLM, head_dim_of
 from tandem.models.errors import UnsupportedArchitectureError, WeightFileError
 from tandem.models.registry import model_class_for
 
@@ -62,7 +62,7 @@ class PagedRunner:
     """Drives our model over a block-major paged KV cache, as the model runner would."""
 
     def __init__(self, model: DecoderForCausalLM, config: PretrainedConfig, max_len: int, num_seqs: int) -> None:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         blocks_per_seq = -(-max_len // BLOCK_SIZE)
         num_blocks = blocks_per_seq * num_seqs + 3
         shape = (num_blocks, config.num_hidden_layers, 2, BLOCK_SIZE, config.num_key_value_heads, head_dim)
