@@ -4,9 +4,16 @@ Each step: the scheduler plans which sequences run and how many tokens each; the
 computes them into the paged KV cache; the sampler picks a token for every sequence whose known
 tokens are now all computed; stop conditions and the detokenizer turn tokens into outputs. Every
 finished, aborted or failed request returns its blocks to the pool.
+
+Disaggregation adds two ways in and out of the engine. A context worker adds a request with
+``hand_off_kv=True``: after its first token the engine lets go of the request but not of its
+blocks, which the output hands to the caller (a KV lease) until ``release_blocks``. A generation
+worker calls ``reserve_prefilled`` for a prompt whose KV lives elsewhere, fills the returned
+blocks (a NIXL READ), then ``commit_prefilled`` starts decoding, or ``cancel_prefilled`` gives up.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -15,7 +22,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tandem.kernels.select import select_backend
-from tandem.kvtransfer.block_pool import BlockPool
+from tandem.kvtransfer.block_pool import BlockPool, NoFreeBlocksError
 from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache, layer_views, num_blocks_for_budget
 from tandem.models.decoder import head_dim_of
 from tandem.models.loader import LoadedModel, load_model
@@ -23,7 +30,7 @@ from tandem.workers.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CAC
 from tandem.workers.config import resolve_device, resolve_dtype
 from tandem.workers.detokenizer import IncrementalDetokenizer
 from tandem.workers.errors import InvalidRequestError
-from tandem.workers.kv_blocks import SequenceBlocks
+from tandem.workers.kv_blocks import SequenceBlocks, blocks_for_tokens
 from tandem.workers.model_runner import ModelRunner
 from tandem.workers.sampler import Sampler, SamplingInput, TokenLogprobs, make_generator
 from tandem.workers.sampling_params import SamplingParams
@@ -31,6 +38,27 @@ from tandem.workers.scheduler import ScheduledChunk, Scheduler
 from tandem.workers.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldKV:
+    """Blocks holding the KV of a handed-off prompt; the caller owns them until release_blocks."""
+
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVReservation:
+    """Blocks reserved for a prompt whose KV comes from another worker. The first
+    ``num_cached_blocks`` already hold it (this worker's prefix cache); the rest must be filled."""
+
+    block_ids: tuple[int, ...]
+    num_cached_blocks: int
+
+    @property
+    def blocks_to_fill(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +73,11 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
+    held_kv: HeldKV | None = None  # a hand_off_kv request after its first token: the engine is done with it
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.held_kv is not None
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +86,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     generator: torch.Generator | None
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    hand_off_kv: bool = False
 
 
 class LLMEngine:
@@ -76,9 +106,12 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, SequenceBlocks(self.pool))
         kv_cache = allocate_kv_cache(spec, num_blocks, device)
         backend = select_backend(device)
+        self.kv_cache_spec = spec
+        self.kv_cache = kv_cache  # the one tensor a transfer engine registers
         self.runner = ModelRunner(loaded.model, layer_views(kv_cache), backend, spec.block_size, device)
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
+        self._receiving: dict[str, _Request] = {}  # reserved by reserve_prefilled, not yet committed
         self._finished_outputs: list[RequestOutput] = []
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (cache hits excluded)
         self.num_preemptions = 0
@@ -96,22 +129,93 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> None:
-        """Queue a request. Raises InvalidRequestError, changing nothing, when it can't be served."""
-        if request_id in self.requests:
+    def add_request(
+        self, request_id: str, prompt: str | Seq[int], params: SamplingParams, *, hand_off_kv: bool = False
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError, changing nothing, when it can't be served.
+
+        With hand_off_kv, the request ends after its first token unless that token finished it: its
+        last output carries the blocks (``held_kv``), which stay allocated until release_blocks."""
+        self._check_new_request(request_id, params)
+        token_ids = self._tokenize(request_id, prompt)
+        request = self._new_request(Sequence(request_id, token_ids, params))
+        request.hand_off_kv = hand_off_kv
+        self.requests[request_id] = request
+        self.scheduler.add(request.seq)
+
+    def release_blocks(self, block_ids: Seq[int]) -> None:
+        """Return the blocks of a HeldKV (or of a cancelled reservation) to the pool."""
+        self.pool.free(list(reversed(block_ids)))
+
+    def reserve_prefilled(
+        self, request_id: str, prompt_token_ids: Seq[int], first_token_id: int, params: SamplingParams
+    ) -> KVReservation:
+        """Allocate blocks for a prompt computed elsewhere, reusing this worker's cached prefix.
+
+        first_token_id is the token the prefilling worker sampled; decoding continues after it.
+        Raises InvalidRequestError when the request can't be served and NoFreeBlocksError when
+        the cache is too full now; either way nothing changes."""
+        self._check_new_request(request_id, params)
+        token_ids = self._tokenize(request_id, list(prompt_token_ids))
+        if not (isinstance(first_token_id, int) and 0 <= first_token_id < self.vocab_size):
+            raise InvalidRequestError(f"first token id must be in [0, {self.vocab_size})", field="first_token_id", request_id=request_id)
+        if params.max_tokens <= 1 or first_token_id in params.stop_token_ids or (
+            not params.ignore_eos and first_token_id in self.eos_token_ids
+        ):
+            raise InvalidRequestError("the first token already finished this request", field="first_token_id", request_id=request_id)
+        if request_id in self._receiving:
+            raise InvalidRequestError("duplicate request id", field="request_id", request_id=request_id)
+        seq = Sequence(request_id, token_ids, params)
+        seq.token_ids.append(first_token_id)
+        blocks = self.scheduler.blocks
+        cached = blocks.cached_prefix(seq)  # every full prompt block may hit: none is recomputed
+        if not blocks.admit(seq, cached, len(token_ids) - len(cached) * self.pool.block_size):
+            raise NoFreeBlocksError(blocks_for_tokens(len(token_ids), self.pool.block_size), self.pool.num_free_blocks)
+        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        self._receiving[request_id] = _Request(seq, None, None)
+        return KVReservation(tuple(seq.block_ids), len(cached))
+
+    def commit_prefilled(self, request_id: str) -> None:
+        """The reserved blocks now hold the prompt's KV: cache them and decode from the next step."""
+        seq = self._receiving.pop(request_id).seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.scheduler.blocks.register_full_blocks(seq)
+        request = self._new_request(seq)
+        if request.detokenizer is not None:
+            request.detokenizer.push(seq.token_ids[-1])  # its text went out with the prefill's answer
+        if request.generator is not None:
+            # The prefilling worker drew one uniform for the first token: skip it, so that a seeded
+            # request samples the same tokens as it would on one worker.
+            torch.empty(1, device=self.device).uniform_(generator=request.generator)
+        self.requests[request_id] = request
+        self.scheduler.add_running(seq)
+
+    def cancel_prefilled(self, request_id: str, *, free_blocks: bool = True) -> tuple[int, ...]:
+        """Drop a reservation. With free_blocks=False the caller keeps the blocks (a transfer may
+        still write into them) and frees them later with release_blocks; they are returned."""
+        seq = self._receiving.pop(request_id).seq
+        block_ids = tuple(seq.block_ids)
+        if free_blocks:
+            self.scheduler.blocks.free(seq)
+            return ()
+        seq.block_ids = []
+        return block_ids
+
+    def _check_new_request(self, request_id: str, params: SamplingParams) -> None:
+        if request_id in self.requests or request_id in self._receiving:
             raise InvalidRequestError("duplicate request id", field="request_id", request_id=request_id)
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be SamplingParams", field="params", request_id=request_id)
-        token_ids = self._tokenize(request_id, prompt)
-        seq = Sequence(request_id, token_ids, params)
+
+    def _new_request(self, seq: Sequence) -> _Request:
+        params = seq.params
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, token_ids, stop=params.stop, skip_special_tokens=params.skip_special_tokens
+                self.tokenizer, seq.prompt_token_ids, stop=params.stop, skip_special_tokens=params.skip_special_tokens
             )
         generator = None if params.greedy else make_generator(params.seed, self.device)
-        self.requests[request_id] = _Request(seq, detokenizer, generator)
-        self.scheduler.add(seq)
+        return _Request(seq, detokenizer, generator)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its final output comes from the next step()."""
@@ -203,6 +307,8 @@ class LLMEngine:
             self._finish(request, FinishReason.STOP, text)
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(request, FinishReason.LENGTH, text)
+        elif request.hand_off_kv:
+            self._hand_off(request, text)
         else:
             return self._output(request, (token_id,), text, None)
         return None
@@ -217,6 +323,16 @@ class LLMEngine:
             text += request.detokenizer.finish()
         new_tokens = (seq.token_ids[-1],) if reason is not FinishReason.ABORT and seq.num_output_tokens else ()
         self._finished_outputs.append(self._output(request, new_tokens, text, reason))
+
+    def _hand_off(self, request: _Request, text: str) -> None:
+        """Let go of a request after its first token, keeping its blocks for the caller."""
+        seq = request.seq
+        self.scheduler.detach(seq)
+        del self.requests[seq.request_id]
+        held = HeldKV(tuple(seq.block_ids), seq.num_computed_tokens)
+        seq.block_ids = []
+        output = self._output(request, (seq.token_ids[-1],), text, None)
+        self._finished_outputs.append(dataclasses.replace(output, held_kv=held))
 
     def _drain_finished(self) -> list[RequestOutput]:
         outputs, self._finished_outputs = self._finished_outputs, []

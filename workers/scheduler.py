@@ -124,6 +124,17 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Resume a seq whose blocks already hold its computed tokens (its KV came from another
+        worker); it decodes from the next step on, behind the sequences already running."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Remove a running seq but keep its blocks: their new owner frees them (a KV lease)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted seq from whichever queue holds it and free its blocks."""
         if seq in self.running:
