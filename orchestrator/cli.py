@@ -13,6 +13,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
+    _add_worker(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
@@ -31,6 +32,14 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--device", default="auto")
     generate.add_argument("--dtype", default="auto")
     generate.set_defaults(run=_run_generate)
+
+
+def _add_worker(commands: argparse._SubParsersAction) -> None:
+    from tandem.workers.main import add_worker_arguments, run  # argparse and grpc only: no torch yet
+
+    worker = commands.add_parser("worker", help="run one context, generation or aggregated worker (gRPC, no Ray)")
+    add_worker_arguments(worker)
+    worker.set_defaults(run=run)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -4,7 +4,16 @@ from __future__ import annotations
 # Loading errors come from models/; re-exported so callers above the engine need not reach down.
 from tandem.models.errors import ModelLoadError
 
-__all__ = ["InvalidRequestError", "ModelLoadError"]
+__all__ = [
+    "DrainingError",
+    "InvalidRequestError",
+    "LeaseExpiredError",
+    "ModelLoadError",
+    "PairingError",
+    "PeerUnavailableError",
+    "WorkerError",
+    "WrongRoleError",
+]
 
 
 class InvalidRequestError(ValueError):
@@ -15,3 +24,44 @@ class InvalidRequestError(ValueError):
         self.request_id = request_id
         where = f"request {request_id}: " if request_id else ""
         super().__init__(f"{where}{message}")
+
+
+class WorkerError(Exception):
+    """A worker-level refusal or failure. ``status`` is the gRPC status code name the server
+    answers with; ``retriable`` tells a router whether the same request may succeed elsewhere."""
+
+    status = "INTERNAL"
+    retriable = False
+
+
+class WrongRoleError(WorkerError):
+    """The call is not one this worker's role serves (Prefill on a generation worker, ...)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class DrainingError(WorkerError):
+    """The worker is draining and takes no new work."""
+
+    status = "UNAVAILABLE"
+    retriable = True
+
+
+class PairingError(WorkerError):
+    """Two workers cannot exchange KV: their model, block geometry or dtype differ."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class LeaseExpiredError(WorkerError):
+    """The KV handle's lease ran out (or would before a transfer could finish): prefill again."""
+
+    status = "FAILED_PRECONDITION"
+    retriable = True
+
+
+class PeerUnavailableError(WorkerError):
+    """The worker holding the KV could not be reached or died during the transfer."""
+
+    status = "UNAVAILABLE"
+    retriable = True

@@ -1,0 +1,153 @@
+"""The standalone worker process: ``tandem worker --role context --port 50051``. No Ray needed.
+
+Loads the model, allocates and registers the KV cache with NIXL, starts the KV-event publisher
+and the gRPC server, then prints one JSON line (``{"event": "ready", ...}``) on stdout with the
+address, epoch and endpoints, so that whoever started it (a test, Ray, a shell script) knows
+where it listens. SIGTERM or SIGINT stops it: the server finishes in-flight RPCs for a short
+grace period, then NIXL and ZMQ resources are closed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+
+import grpc
+
+logger = logging.getLogger("tandem.worker")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=["context", "generation", "aggregated"], default="aggregated")
+    parser.add_argument("--host", default="127.0.0.1", help="interface the gRPC server and KV events bind to")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (printed when ready)")
+    parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker (default: --host)")
+    parser.add_argument("--worker-id", default=None, help="stable name of this worker (default: role-hostname-port)")
+    parser.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size (default: 1 GiB on CPU)")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--lease-seconds", type=float, default=30.0, help="how long handed-off KV stays pinned")
+    parser.add_argument("--transfer-timeout", type=float, default=10.0, help="seconds one KV READ may take")
+    parser.add_argument("--kv-events-port", type=int, default=0, help="ZMQ PUB port for KV events; 0 picks one")
+    parser.add_argument("--kv-events-replay-port", type=int, default=0, help="ZMQ ROUTER replay port; 0 picks one")
+    parser.add_argument("--nixl-threads", type=int, default=0, help="UCX backend progress threads (0: NIXL default)")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    # Heavy imports here, so that `tandem --help` stays fast.
+
+    from tandem.kvtransfer.kv_event_stream import KVEventPublisher, kv_event_topic
+    from tandem.kvtransfer.nixl_transfer import TransferEngine
+    from tandem.models.loader import load_model
+    from tandem.proto import tandem_pb2_grpc
+    from tandem.workers.config import CacheConfig, EngineConfig, resolve_device, resolve_dtype
+    from tandem.workers.engine import LLMEngine
+    from tandem.workers.scheduler import SchedulerConfig
+    from tandem.workers.server import WorkerService
+    from tandem.workers.worker import Role, Worker, WorkerConfig
+
+    epoch = time.time_ns() // 1000
+    server = grpc.aio.server()
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise SystemExit(f"cannot bind gRPC to {args.host}:{args.port}")
+    advertise_host = args.advertise_host or args.host
+    worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{port}"
+    address = f"{advertise_host}:{port}"
+
+    config = EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        show_progress=False,
+        cache=CacheConfig(block_size=args.block_size, num_bytes=args.kv_cache_bytes),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    device = resolve_device(config.device)
+    loaded = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device, show_progress=False)
+    engine = LLMEngine(loaded, config, device)
+    transfer = TransferEngine(f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch, num_threads=args.nixl_threads)
+    topic = kv_event_topic(worker_id, epoch, loaded.source.name)
+    publisher = KVEventPublisher(
+        f"tcp://{args.host}:{args.kv_events_port}",
+        replay_endpoint=f"tcp://{args.host}:{args.kv_events_replay_port}",
+        topic=topic,
+        medium="GPU" if device.type == "cuda" else "CPU",
+    )
+    worker_config = WorkerConfig(
+        role=Role(args.role),
+        worker_id=worker_id,
+        epoch=epoch,
+        address=address,
+        model=loaded.source.name,
+        lease_seconds=args.lease_seconds,
+        transfer_timeout_s=args.transfer_timeout,
+    )
+    worker = Worker(engine, worker_config, transfer, publisher)
+    kv_events = (_advertised(publisher.endpoint, advertise_host), _advertised(publisher.replay_endpoint, advertise_host), topic)
+    tandem_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, kv_events), server)
+    worker.start()
+    await server.start()
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    ready = {
+        "event": "ready",
+        "role": args.role,
+        "worker_id": worker_id,
+        "epoch": epoch,
+        "address": address,
+        "kv_events_endpoint": kv_events[0],
+        "kv_events_replay_endpoint": kv_events[1],
+        "kv_events_topic": topic,
+        "num_blocks": engine.pool.num_blocks,
+        "device": str(device),
+        "dtype": str(engine.kv_cache_spec.dtype).removeprefix("torch."),
+    }
+    print(json.dumps(ready), flush=True)
+    logger.info("worker %s (%s, epoch %d) serving on %s", worker_id, args.role, epoch, address)
+    await stop.wait()
+    logger.info("stopping worker %s", worker_id)
+    await server.stop(grace=2.0)
+    await worker.stop()
+    publisher.close()
+    transfer.close()
+
+
+def _advertised(endpoint: str, host: str) -> str:
+    """A bound endpoint (tcp://0.0.0.0:port) as peers should dial it."""
+    port = endpoint.rsplit(":", 1)[-1]
+    return f"tcp://{host}:{port}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.workers.errors import ModelLoadError
+
+    try:
+        asyncio.run(serve(args))
+    except (ModelLoadError, ValueError, OSError) as error:
+        print(f"tandem worker: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem worker", description="Run one Tandem worker (no Ray).")
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

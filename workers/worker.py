@@ -1,0 +1,411 @@
+"""One worker of the cluster: the engine in a role, with its KV leases, transfers and events.
+
+Roles share the one engine. A **context** worker serves Prefill: it runs the prompt, samples the
+first token and keeps the prompt's blocks pinned under a lease, returned as a KVHandle. A
+**generation** worker serves Generate: given a handle it reserves blocks (reusing any prefix it
+holds), READs only the missing blocks from the handle's owner over NIXL, and decodes; without a
+handle it prefills locally. An **aggregated** worker does both.
+
+Every wait is bounded: metadata fetches and releases by ``peer_timeout_s``, a READ by the lease
+deadline (minus ``lease_margin_s``, so a lease cannot end while its bytes are in flight) and by
+``transfer_timeout_s``. On any failure the request's reserved blocks go back to the pool; blocks
+a cancelled READ might still write are quarantined until NIXL reports the transfer over.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from tandem.kvtransfer.events import AllBlocksCleared
+from tandem.kvtransfer.kv_event_stream import KVEventPublisher
+from tandem.kvtransfer.leases import KVHandle, LeaseTable, StaleHandleError, TransferMode
+from tandem.kvtransfer.nixl_transfer import PeerMetadata, TransferEngine, TransferError, TransferStats
+from tandem.workers.engine import LLMEngine, RequestOutput
+from tandem.workers.engine_loop import EngineLoop
+from tandem.workers.errors import (
+    DrainingError,
+    InvalidRequestError,
+    LeaseExpiredError,
+    PairingError,
+    PeerUnavailableError,
+    WrongRoleError,
+)
+from tandem.workers.kv_blocks import blocks_for_tokens
+from tandem.workers.pairing import PairingInfo
+from tandem.workers.peers import PeerClients
+from tandem.workers.sampling_params import SamplingParams
+from tandem.workers.sequence import FinishReason
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = 1
+ACK_PREFIX = b"tandem-ack:"  # NIXL notification a reader sends the owner when its READ is done
+
+
+class Role(enum.Enum):
+    CONTEXT = "context"
+    GENERATION = "generation"
+    AGGREGATED = "aggregated"
+
+    @property
+    def serves_prefill(self) -> bool:
+        return self is not Role.GENERATION
+
+    @property
+    def serves_generate(self) -> bool:
+        return self is not Role.CONTEXT
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    role: Role
+    worker_id: str
+    epoch: int  # changes on every start: handles, leases and events of an old epoch are refused
+    address: str  # the gRPC target peers and routers use to reach this worker
+    model: str  # served model name; must match for two workers to pair
+    lease_seconds: float = 30.0
+    lease_margin_s: float = 0.5
+    transfer_timeout_s: float = 10.0
+    peer_timeout_s: float = 5.0
+    max_concurrent_transfers: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    output: RequestOutput  # the first token, or the final output when it finished the request
+    handle: KVHandle | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransferReport:
+    num_blocks: int
+    num_cached_blocks: int
+    stats: TransferStats
+    local_block_ids: tuple[int, ...]  # the prompt's blocks on this worker, cached ones included
+
+
+class Worker:
+    """The asyncio face of one engine. Start with ``start()`` on the serving event loop."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        config: WorkerConfig,
+        transfer: TransferEngine,
+        publisher: KVEventPublisher | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.transfer = transfer
+        self.publisher = publisher
+        spec = engine.kv_cache_spec
+        self.pairing = PairingInfo(
+            model=config.model,
+            block_size=spec.block_size,
+            kv_dtype=str(spec.dtype).removeprefix("torch."),
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+        )
+        self.leases = LeaseTable(
+            config.worker_id, config.epoch, transfer.metadata().agent_name, config.address, config.lease_seconds
+        )
+        self.loop = EngineLoop(
+            engine,
+            hooks=[self._expire_leases, self._take_acknowledgements, self._reap_abandoned, self._flush_events],
+            on_held_kv=self._grant_lease,
+        )
+        self.peers = PeerClients()
+        self.draining = False
+        self.num_transferred_blocks = 0
+        self.num_transferred_bytes = 0
+        self._granted: dict[str, KVHandle] = {}  # request id -> handle, written on the engine thread
+        self._transferring: dict[str, bool] = {}  # request id -> abort requested
+        self._quarantined: dict[str, tuple[int, ...]] = {}  # transfer tag -> blocks a READ may still write
+        self._executor = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_transfers, "tandem-transfer")
+        if publisher is not None:
+            engine.pool.subscribe(publisher.sink)
+
+    def start(self) -> None:
+        if self.publisher is not None:
+            # A fresh epoch starts empty: tell followers that whatever they knew of this worker is gone.
+            self.publisher.publish([AllBlocksCleared()])
+        self.loop.start(asyncio.get_running_loop())
+
+    async def stop(self) -> None:
+        self.loop.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self.peers.close()
+
+    # -- Prefill ------------------------------------------------------------------------------
+
+    async def prefill(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> PrefillResult:
+        """Run the prompt and sample its first token; the KV stays here under a lease."""
+        self._admit("Prefill", self.config.role.serves_prefill)
+        stream = self.loop.open_stream(request_id)
+        try:
+            await self.loop.call(partial(self.engine.add_request, request_id, list(prompt_token_ids), params, hand_off_kv=True))
+            output = await stream.get()  # one output: the hand-off, or the end of the request
+            return PrefillResult(output, self._granted.pop(request_id, None))
+        except asyncio.CancelledError:
+            self.loop.submit(partial(self._abort_on_engine, request_id))
+            raise
+        finally:
+            self.loop.close_stream(request_id)
+
+    def _grant_lease(self, output: RequestOutput) -> None:
+        assert output.held_kv is not None
+        held = output.held_kv
+        self._granted[output.request_id] = self.leases.grant(output.request_id, held.block_ids, held.num_tokens)
+
+    # -- Generate -----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        handle: KVHandle | None = None,
+        first_token_id: int | None = None,
+    ) -> AsyncIterator[tuple[RequestOutput, TransferReport | None]]:
+        """Decode; with a handle, fetch the prompt's KV first. Yields outputs until one is final."""
+        self._admit("Generate", self.config.role.serves_generate)
+        stream = self.loop.open_stream(request_id)
+        finished = False
+        try:
+            report = None
+            if handle is None:
+                await self.loop.call(partial(self.engine.add_request, request_id, list(prompt_token_ids), params))
+            else:
+                report = await self._receive_kv(request_id, list(prompt_token_ids), params, handle, first_token_id)
+                if report is None:  # aborted while the blocks were in flight
+                    finished = True
+                    yield _aborted_output(request_id, len(prompt_token_ids)), None
+                    return
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output, report
+                report = None
+        finally:
+            self.loop.close_stream(request_id)
+            if not finished:  # the caller went away: stop decoding for nobody
+                self.loop.submit(partial(self._abort_on_engine, request_id))
+
+    async def _receive_kv(
+        self, request_id: str, prompt: list[int], params: SamplingParams, handle: KVHandle, first_token_id: int | None
+    ) -> TransferReport | None:
+        if first_token_id is None:
+            raise InvalidRequestError("a kv_handle needs the first_token_id its Prefill returned", field="first_token_id", request_id=request_id)
+        if handle.mode is not TransferMode.READ:
+            raise InvalidRequestError("only READ handles are served (push is not built yet)", field="kv_handle", request_id=request_id)
+        expected_blocks = blocks_for_tokens(len(prompt), self.engine.pool.block_size)
+        if handle.num_tokens != len(prompt) or len(handle.block_ids) != expected_blocks:
+            raise InvalidRequestError(
+                f"kv_handle holds {handle.num_tokens} tokens in {len(handle.block_ids)} blocks; the prompt has"
+                f" {len(prompt)} tokens ({expected_blocks} blocks)",
+                field="kv_handle",
+                request_id=request_id,
+            )
+        await self._pair_with(handle)
+        time_left = handle.lease_deadline - self.config.lease_margin_s - time.time()
+        if time_left <= 0:
+            raise LeaseExpiredError(f"request {request_id}: the lease of handle {handle.handle_id} has ended")
+        deadline = time.monotonic() + min(time_left, self.config.transfer_timeout_s)
+        self._transferring[request_id] = False
+        try:
+            reservation = await self.loop.call(
+                partial(self.engine.reserve_prefilled, request_id, prompt, first_token_id, params)
+            )
+        except BaseException:
+            del self._transferring[request_id]
+            raise
+        remote = handle.block_ids[reservation.num_cached_blocks :]
+        local = reservation.blocks_to_fill
+        read = asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            partial(
+                self.transfer.read_blocks, handle.worker_id, handle.epoch, remote, local,
+                deadline=deadline, notification=ACK_PREFIX + handle.handle_id.encode(), tag=request_id,
+            ),
+        ) if local else None
+        try:
+            stats = await asyncio.shield(read) if read is not None else TransferStats(0, 0, 0, 0.0)
+        except asyncio.CancelledError:
+            # The READ goes on in its thread: the blocks are given back once it has ended.
+            assert read is not None
+            read.add_done_callback(lambda done: self.loop.submit(partial(self._end_reservation, request_id, done)))
+            raise
+        except TransferError as error:
+            await self.loop.call(partial(self._end_reservation, request_id, read))
+            raise _peer_failed(handle, error) from error
+        if read is None:
+            await self._release_quietly(handle)  # nothing to READ, so no notification: ack by RPC
+        aborted = self._transferring.pop(request_id)
+        if aborted:
+            await self.loop.call(partial(self.engine.cancel_prefilled, request_id))
+            return None
+        await self.loop.call(partial(self._commit, request_id, stats))
+        return TransferReport(len(local), reservation.num_cached_blocks, stats, reservation.block_ids)
+
+    async def _pair_with(self, handle: KVHandle) -> None:
+        """Make sure the handle's owner is a known, compatible NIXL peer of its current epoch."""
+        if self.transfer.has_peer(handle.worker_id, handle.epoch):
+            return
+        meta = await self.peers.transfer_metadata(handle.address, self.config.peer_timeout_s)
+        if meta.worker_id != handle.worker_id or meta.epoch != handle.epoch:
+            raise StaleHandleError(
+                f"handle {handle.handle_id} names worker {handle.worker_id!r} epoch {handle.epoch}, but"
+                f" {handle.address} is worker {meta.worker_id!r} epoch {meta.epoch}: it restarted, the blocks are gone"
+            )
+        theirs = PairingInfo(
+            model=meta.model, block_size=meta.block_size, kv_dtype=meta.kv_dtype, num_layers=meta.num_layers,
+            num_kv_heads=meta.num_kv_heads, head_dim=meta.head_dim, kv_layout=meta.kv_layout,
+        )
+        if differences := self.pairing.mismatches(theirs):
+            raise PairingError(
+                f"worker {self.config.worker_id!r} cannot read KV from {meta.worker_id!r}: " + "; ".join(differences)
+            )
+        self.transfer.add_peer(
+            PeerMetadata(
+                worker_id=meta.worker_id, epoch=meta.epoch, agent_name=meta.agent_name,
+                agent_metadata=meta.agent_metadata, base_address=meta.base_address,
+                bytes_per_block=meta.bytes_per_block, num_blocks=meta.num_blocks,
+                memory_type=meta.memory_type, device_id=meta.device_id,
+            )
+        )
+
+    async def _release_quietly(self, handle: KVHandle) -> None:
+        try:
+            await self.peers.release(handle, self.config.peer_timeout_s)
+        except Exception as error:  # the lease expires anyway; the request itself is fine
+            logger.warning("could not release %s at %s (its lease will expire): %s", handle.handle_id, handle.address, error)
+
+    # engine-thread halves of _receive_kv
+
+    def _commit(self, request_id: str, stats: TransferStats) -> None:
+        self.engine.commit_prefilled(request_id)
+        self.num_transferred_blocks += stats.num_blocks
+        self.num_transferred_bytes += stats.num_bytes
+
+    def _end_reservation(self, request_id: str, read: asyncio.Future | None) -> None:
+        """Drop a reservation whose READ failed or was abandoned: free its blocks, or quarantine
+        them when the READ might still land in them."""
+        self._transferring.pop(request_id, None)
+        error = read.exception() if read is not None and not read.cancelled() else None
+        reusable = not isinstance(error, TransferError) or error.local_blocks_reusable
+        kept = self.engine.cancel_prefilled(request_id, free_blocks=reusable)
+        if kept:
+            self._quarantined[request_id] = kept
+
+    # -- Release, Abort, Drain, Stats -----------------------------------------------------------
+
+    async def release(self, handle: KVHandle) -> bool:
+        """Unpin a handle's blocks; False when its lease had already ended."""
+        return await self.loop.call(partial(self._release_on_engine, handle))
+
+    def _release_on_engine(self, handle: KVHandle) -> bool:
+        self.leases.check(handle.worker_id, handle.epoch)
+        block_ids = self.leases.end(handle.handle_id)
+        if block_ids is None:
+            return False
+        self.engine.release_blocks(block_ids)
+        return True
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id in self._transferring:
+            self._transferring[request_id] = True  # the transfer ends, bounded by its deadline, then frees
+            return True
+        return await self.loop.call(partial(self._abort_on_engine, request_id))
+
+    def _abort_on_engine(self, request_id: str) -> bool:
+        found = self.engine.abort(request_id)
+        self._granted.pop(request_id, None)
+        for handle_id in self.leases.handles_of_request(request_id):
+            block_ids = self.leases.end(handle_id)
+            if block_ids is not None:
+                self.engine.release_blocks(block_ids)
+                found = True
+        return found
+
+    async def drain(self, poll_s: float = 0.02) -> int:
+        """Stop taking work; return once no request runs and no lease is held (the caller's
+        deadline bounds the wait). Returns how many requests were in flight when it began."""
+        self.draining = True
+        in_flight = len(self.engine.requests) + len(self._transferring)
+        while (await self.loop.call(self._busy)) or self._transferring:
+            await asyncio.sleep(poll_s)
+        return in_flight
+
+    def _busy(self) -> bool:
+        return bool(self.engine.requests) or self.leases.num_active > 0
+
+    async def stats(self) -> dict[str, int | bool | str]:
+        return await self.loop.call(self._stats_on_engine)
+
+    def _stats_on_engine(self) -> dict[str, int | bool | str]:
+        scheduler = self.engine.scheduler
+        return {
+            "api_version": API_VERSION,
+            "worker_id": self.config.worker_id,
+            "epoch": self.config.epoch,
+            "role": self.config.role.value,
+            "draining": self.draining,
+            "num_running": len(scheduler.running),
+            "num_waiting": len(scheduler.waiting),
+            "num_transferring": len(self._transferring),
+            "num_free_blocks": self.engine.pool.num_free_blocks,
+            "num_total_blocks": self.engine.pool.num_blocks,
+            "num_leases": self.leases.num_active,
+            "num_leases_expired": self.leases.num_expired,
+            "num_pinned_blocks": self.leases.num_pinned_blocks,
+            "num_transferred_blocks": self.num_transferred_blocks,
+            "num_transferred_bytes": self.num_transferred_bytes,
+            "num_prompt_tokens_computed": self.engine.num_prompt_tokens_computed,
+        }
+
+    def _admit(self, call: str, role_serves_it: bool) -> None:
+        if not role_serves_it:
+            raise WrongRoleError(f"worker {self.config.worker_id!r} has role {self.config.role.value}, which does not serve {call}")
+        if self.draining:
+            raise DrainingError(f"worker {self.config.worker_id!r} is draining and takes no new requests")
+
+    # -- housekeeping hooks, on the engine thread ----------------------------------------------
+
+    def _expire_leases(self) -> None:
+        for block_ids in self.leases.expire():
+            logger.warning("a KV lease of %d blocks expired unacknowledged; blocks released", len(block_ids))
+            self.engine.release_blocks(block_ids)
+
+    def _take_acknowledgements(self) -> None:
+        for _agent, message in self.transfer.poll_notifications():
+            if message.startswith(ACK_PREFIX):
+                block_ids = self.leases.acknowledge(message[len(ACK_PREFIX) :].decode())
+                if block_ids is not None:
+                    self.engine.release_blocks(block_ids)
+
+    def _reap_abandoned(self) -> None:
+        if not self._quarantined:
+            return
+        for tag in self.transfer.reap_abandoned():
+            block_ids = self._quarantined.pop(tag, None)
+            if block_ids:
+                self.engine.release_blocks(block_ids)
+
+    def _flush_events(self) -> None:
+        if self.publisher is not None:
+            self.publisher.flush()
+
+
+def _peer_failed(handle: KVHandle, error: TransferError) -> PeerUnavailableError:
+    return PeerUnavailableError(f"KV transfer from worker {handle.worker_id!r} ({handle.address}) failed: {error}")
+
+
+def _aborted_output(request_id: str, num_prompt_tokens: int) -> RequestOutput:
+    return RequestOutput(request_id, (), "", (), FinishReason.ABORT, num_prompt_tokens, 0, 1)
