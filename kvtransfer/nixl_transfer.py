@@ -1,0 +1,362 @@
+"""The NIXL transfer engine of one worker: registers its KV cache, reads peers' KV blocks into it.
+
+Owns one NIXL agent (UCX backend) and the registration of the worker's whole KV-cache tensor
+(:mod:`tandem.kvtransfer.kv_cache`, block-major, so block ``b`` of all layers is one contiguous
+region of ``bytes_per_block`` bytes at ``base + b * bytes_per_block``). The block owner
+publishes :class:`PeerMetadata`; a reader ``add_peer``s it and ``read_blocks`` pulls blocks with
+one NIXL READ whose notification tells the owner the read finished (its lease can be dropped).
+
+Life cycle::
+
+    TransferEngine(...) -> metadata() / add_peer() -> read_blocks()* / poll_notifications()* -> close()
+
+Descriptors. A READ costs about 6 us per descriptor on GPUs (shared/gpu/README.md: 4096 x 64 KiB
+blocks reach 8-11 GB/s against 380 GB/s for one 256 MiB region), so ``read_blocks`` coalesces
+pairs whose remote AND local ids are both consecutive into one descriptor (``coalesce_runs``).
+Scattered blocks still cost one descriptor each; the next step, when measurements call for it,
+is to pack them on the owner into a staging buffer (``index_select``, 0.19 ms for 4096 x 64 KiB
+on an H100), READ that with one descriptor and unpack locally (``index_copy_``). Not built yet:
+on CPU (UCX picks cma, process_vm_readv) descriptors are cheap next to the copy itself
+(scripts/bench_transfer.py: 4096 scattered 360 KiB blocks at 66-100% of the one-descriptor rate,
+about 2 GB/s, noisy), and packing would add two memory copies there; on GPUs it will pay.
+
+Thread safety. The agent is created with ``NIXL_THREAD_SYNC_RW``: the C++ agent then guards its
+own tables with a shared lock for post / status / release / notifications (so transfers on
+different handles run concurrently) and an exclusive one for loading or dropping a peer, and the
+UCX backend runs its workers in multi-thread mode. (The default, ``NIXL_THREAD_SYNC_NONE``
+without a listener thread, has no lock at all in the agent: concurrent calls would race.) The
+Python wrapper's own state is read-only after start, and each read uses its own handle. A
+``threading.Lock`` here guards only our tables (peers, abandoned handles); it is never held
+during a post, a poll or a sleep. This matters on CPU: UCX copies over cma (process_vm_readv)
+inside the post call itself (about 0.1 s for 256 MiB, with the GIL released), so a lock around
+agent calls would serialize every reader and stall ``poll_notifications``. The same fact means
+a CPU read can overrun its deadline by the length of one post. Hence ``read_blocks`` may run in
+many threads at once, concurrently with ``poll_notifications``, ``add_peer`` and
+``reap_abandoned``. Replacing a peer (newer epoch) or ``forget_peer`` while a read from it is
+in flight makes that read fail with TransferError. ``close`` must not race with other calls.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+
+_MIN_SLEEP_S = 20e-6
+_MAX_SLEEP_S = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMetadata:
+    """What a peer needs to READ our KV blocks; plain fields so it can travel over gRPC."""
+
+    worker_id: str
+    epoch: int
+    agent_name: str
+    agent_metadata: bytes  # nixl get_agent_metadata()
+    base_address: int  # kv_cache.data_ptr()
+    bytes_per_block: int
+    num_blocks: int
+    memory_type: str  # "DRAM" or "VRAM"
+    device_id: int
+
+
+class TransferError(RuntimeError):
+    """A read failed. ``local_blocks_reusable`` is False when the read may still write them later."""
+
+    def __init__(
+        self, message: str, *, worker_id: str, epoch: int, tag: str = "",
+        retriable: bool, local_blocks_reusable: bool,
+    ) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.epoch = epoch
+        self.tag = tag
+        self.retriable = retriable
+        self.local_blocks_reusable = local_blocks_reusable
+
+
+class TransferTimeout(TransferError):
+    """The deadline passed before the read finished."""
+
+
+class StalePeerError(TransferError):
+    """The peer is unknown, or known under another epoch than the one asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStats:
+    """One finished read; seconds is the wall time of the whole read_blocks call."""
+
+    num_blocks: int
+    num_descriptors: int
+    num_bytes: int
+    seconds: float
+
+
+def _runs(remote_ids: np.ndarray, local_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(remote_starts, local_starts, lengths) of maximal runs, pairs sorted by remote id."""
+    order = np.argsort(remote_ids, kind="stable")
+    remote, local = remote_ids[order], local_ids[order]
+    breaks = np.flatnonzero((np.diff(remote) != 1) | (np.diff(local) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.append(starts, len(remote)))
+    return remote[starts], local[starts], lengths
+
+
+def coalesce_runs(remote_ids: Sequence[int], local_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(remote_start, local_start, length) runs where both ids step by one.
+
+    Pairs are sorted by remote id first (the order of pairs does not matter to a transfer), so
+    ``remote [5, 4] -> local [1, 0]`` is one run ``(4, 0, 2)``.
+    """
+    if len(remote_ids) != len(local_ids):
+        raise ValueError(f"{len(remote_ids)} remote ids but {len(local_ids)} local ids")
+    if len(remote_ids) == 0:
+        return []
+    r, l, n = _runs(np.asarray(remote_ids, dtype=np.int64), np.asarray(local_ids, dtype=np.int64))
+    return [(int(a), int(b), int(c)) for a, b, c in zip(r, l, n)]
+
+
+def _check_ids(ids: np.ndarray, num_blocks: int, side: str) -> None:
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{side} block ids must be integers, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= num_blocks:
+        raise ValueError(f"{side} block ids must be in [0, {num_blocks}), got {ids.min()}..{ids.max()}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    meta: PeerMetadata
+    remote_name: str  # as NIXL knows the agent
+
+
+class TransferEngine:
+    """One worker's NIXL agent over its registered KV cache (see the module docstring)."""
+
+    def __init__(self, agent_name: str, kv_cache: torch.Tensor, *, worker_id: str, epoch: int, num_threads: int = 0) -> None:
+        if kv_cache.dim() < 2 or kv_cache.shape[0] < 1 or kv_cache.numel() == 0:
+            raise ValueError(f"kv_cache must be [num_blocks, ...] with num_blocks >= 1, got {tuple(kv_cache.shape)}")
+        if not kv_cache.is_contiguous():
+            raise ValueError("kv_cache must be contiguous: NIXL registers it as one region")
+        self._kv_cache = kv_cache  # keeps the registered memory alive
+        self._lock = threading.Lock()
+        self._peers: dict[str, _Peer] = {}
+        self._abandoned: list[tuple[str, object]] = []  # (tag, nixl_xfer_handle)
+        self._tags = itertools.count()
+        self._closed = False
+        self.worker_id, self.epoch = worker_id, epoch
+        self.memory_type = "VRAM" if kv_cache.is_cuda else "DRAM"
+        self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
+        self.num_blocks = kv_cache.shape[0]
+        self.bytes_per_block = kv_cache[0].numel() * kv_cache.element_size()
+        rw = nixl_thread_sync_t.NIXL_THREAD_SYNC_RW
+        if num_threads > 0:
+            self._agent = nixl_agent(agent_name, nixl_agent_config(backends=[], sync_mode=rw))
+            self._agent.create_backend("UCX", {"num_threads": str(num_threads)})
+        else:
+            self._agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"], sync_mode=rw))
+        if "UCX" not in self._agent.backends:
+            raise RuntimeError("NIXL UCX backend is not available")
+        region = (kv_cache.data_ptr(), self.num_blocks * self.bytes_per_block, self.device_id, "")
+        self._registration = self._agent.register_memory([region], self.memory_type)
+        self._metadata = PeerMetadata(
+            worker_id=worker_id, epoch=epoch, agent_name=agent_name,
+            agent_metadata=self._agent.get_agent_metadata(), base_address=kv_cache.data_ptr(),
+            bytes_per_block=self.bytes_per_block, num_blocks=self.num_blocks,
+            memory_type=self.memory_type, device_id=self.device_id,
+        )
+
+    def metadata(self) -> PeerMetadata:
+        return self._metadata
+
+    def add_peer(self, peer: PeerMetadata) -> None:
+        """Load a peer's agent; a newer epoch replaces the older, the same (worker_id, epoch) is a no-op.
+
+        NIXL connects here (UCX endpoint), so an unreachable peer raises TransferError now.
+        An older epoch than the one held raises StalePeerError.
+        """
+        with self._lock:
+            self._check_open()
+            held = self._peers.get(peer.worker_id)
+            if held is not None and held.meta.epoch == peer.epoch:
+                return
+            if held is not None and held.meta.epoch > peer.epoch:
+                raise StalePeerError(
+                    f"peer {peer.worker_id} epoch {peer.epoch} is older than the held epoch {held.meta.epoch}",
+                    worker_id=peer.worker_id, epoch=peer.epoch, retriable=False, local_blocks_reusable=True,
+                )
+            for other in self._peers.values():
+                if other.meta.worker_id != peer.worker_id and other.meta.agent_name == peer.agent_name:
+                    raise ValueError(f"agent name {peer.agent_name!r} is already used by peer {other.meta.worker_id}")
+            if held is not None:
+                self._peers.pop(peer.worker_id)
+                self._drop_remote(held.remote_name)
+            try:
+                name = self._agent.add_remote_agent(peer.agent_metadata)
+            except Exception as e:
+                raise TransferError(
+                    f"could not load or connect to peer {peer.worker_id} epoch {peer.epoch} ({peer.agent_name}): {e}",
+                    worker_id=peer.worker_id, epoch=peer.epoch, retriable=True, local_blocks_reusable=True,
+                ) from e
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != peer.agent_name:
+                self._drop_remote(name)
+                raise ValueError(f"peer metadata names agent {name!r}, expected {peer.agent_name!r}")
+            self._peers[peer.worker_id] = _Peer(peer, name)
+
+    def has_peer(self, worker_id: str, epoch: int) -> bool:
+        with self._lock:
+            held = self._peers.get(worker_id)
+            return held is not None and held.meta.epoch == epoch
+
+    def forget_peer(self, worker_id: str) -> None:
+        with self._lock:
+            held = self._peers.pop(worker_id, None)
+            if held is not None and not self._closed:
+                self._drop_remote(held.remote_name)
+
+    def read_blocks(
+        self, worker_id: str, epoch: int, remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
+        *, deadline: float, notification: bytes = b"", tag: str = "",
+    ) -> TransferStats:
+        """READ remote blocks into local blocks, blocking until done or ``deadline`` (time.monotonic()).
+
+        Raises ValueError (nothing moved) for bad ids, StalePeerError for an unknown peer or epoch,
+        TransferError when NIXL reports an error, TransferTimeout at the deadline. After a timeout
+        with ``local_blocks_reusable=False`` the transfer is kept under ``tag`` (the exception's tag)
+        until ``reap_abandoned`` returns it.
+        """
+        start = time.perf_counter()
+        tag = tag or f"{worker_id}:{epoch}:{next(self._tags)}"
+        peer = self._peer(worker_id, epoch, tag)
+        descs = self._descriptors(peer.meta, remote_block_ids, local_block_ids)
+        num_blocks = len(remote_block_ids)
+
+        def error(cls: type[TransferError], what: str, reusable: bool) -> TransferError:
+            msg = (f"READ of {num_blocks} blocks from {worker_id} epoch {epoch} ({peer.remote_name}) {what}; "
+                   f"deadline {deadline - time.monotonic():+.3f} s from now, tag {tag!r}")
+            return cls(msg, worker_id=worker_id, epoch=epoch, tag=tag, retriable=True, local_blocks_reusable=reusable)
+
+        if time.monotonic() >= deadline:
+            raise error(TransferTimeout, "not posted: deadline already passed", True)
+        local, remote, num_descriptors = descs
+        try:
+            handle = self._agent.initialize_xfer("READ", local, remote, peer.remote_name, notification)
+        except Exception as e:
+            raise error(TransferError, f"could not be created ({e})", True) from e
+        try:
+            state = self._agent.transfer(handle)
+        except Exception:  # reported as ERR below, after releasing the handle
+            state = "ERR"
+        sleep = _MIN_SLEEP_S
+        while state == "PROC":
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reusable = self._release_or_abandon(handle, tag)
+                raise error(TransferTimeout, "timed out" + ("" if reusable else ", could not cancel it"), reusable)
+            time.sleep(min(sleep, remaining))
+            sleep = min(sleep * 2, _MAX_SLEEP_S)
+            state = self._agent.check_xfer_state(handle)
+        if state != "DONE":
+            reusable = self._release_or_abandon(handle, tag)
+            raise error(TransferError, "failed (NIXL state ERR)", reusable)
+        self._agent.release_xfer_handle(handle)
+        return TransferStats(num_blocks, num_descriptors, num_blocks * self.bytes_per_block, time.perf_counter() - start)
+
+    def reap_abandoned(self) -> list[str]:
+        """Tags of abandoned transfers now released: their local blocks are safe to reuse again."""
+        reaped, kept = [], []
+        with self._lock:
+            for tag, handle in self._abandoned:
+                try:
+                    self._agent.release_xfer_handle(handle)
+                    reaped.append(tag)
+                except Exception:
+                    kept.append((tag, handle))
+            self._abandoned = kept
+        return reaped
+
+    def poll_notifications(self) -> list[tuple[str, bytes]]:
+        """(peer agent name, message) for each READ of our blocks that finished since the last poll."""
+        self._check_open()
+        notifs = self._agent.get_new_notifs()
+        return [(name, msg) for name, msgs in notifs.items() for msg in msgs]
+
+    def close(self) -> None:
+        """Drop peers, release abandoned transfers where possible, deregister memory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for tag, handle in self._abandoned:
+                try:
+                    self._agent.release_xfer_handle(handle)
+                except Exception:
+                    pass
+            self._abandoned = []
+            for peer in self._peers.values():
+                self._drop_remote(peer.remote_name)
+            self._peers.clear()
+            self._agent.deregister_memory(self._registration)
+            self._agent = None  # the C++ agent (UCX workers, progress thread) goes with the last reference
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"TransferEngine of {self.worker_id} epoch {self.epoch} is closed")
+
+    def _peer(self, worker_id: str, epoch: int, tag: str) -> _Peer:
+        with self._lock:
+            self._check_open()
+            held = self._peers.get(worker_id)
+        if held is None or held.meta.epoch != epoch:
+            have = "unknown" if held is None else f"held at epoch {held.meta.epoch}"
+            raise StalePeerError(
+                f"no handle for peer {worker_id} epoch {epoch} ({have}); tag {tag!r}",
+                worker_id=worker_id, epoch=epoch, tag=tag, retriable=False, local_blocks_reusable=True,
+            )
+        return held
+
+    def _descriptors(self, peer: PeerMetadata, remote_block_ids: Sequence[int], local_block_ids: Sequence[int]):
+        """Validated, coalesced (local, remote) NIXL descriptor lists and their length."""
+        if len(remote_block_ids) != len(local_block_ids):
+            raise ValueError(f"{len(remote_block_ids)} remote ids but {len(local_block_ids)} local ids")
+        if len(remote_block_ids) == 0:
+            raise ValueError("read_blocks needs at least one block")
+        if peer.bytes_per_block != self.bytes_per_block:
+            raise ValueError(
+                f"peer {peer.worker_id} has {peer.bytes_per_block} bytes per block, we have {self.bytes_per_block}"
+            )
+        remote_ids, local_ids = np.asarray(remote_block_ids), np.asarray(local_block_ids)
+        _check_ids(remote_ids, peer.num_blocks, f"remote ({peer.worker_id})")
+        _check_ids(local_ids, self.num_blocks, "local")
+        if (np.diff(np.sort(local_ids)) == 0).any():
+            raise ValueError("local block ids must be distinct")
+        r, l, n = _runs(remote_ids.astype(np.int64), local_ids.astype(np.int64))
+        bpb, lengths = self.bytes_per_block, n * self.bytes_per_block  # all int64 (addresses < 2**63)
+        local = np.stack([self._metadata.base_address + l * bpb, lengths, np.full_like(n, self.device_id)], axis=1)
+        remote = np.stack([peer.base_address + r * bpb, lengths, np.full_like(n, peer.device_id)], axis=1)
+        return (self._agent.get_xfer_descs(local.astype(np.uint64), self.memory_type),
+                self._agent.get_xfer_descs(remote.astype(np.uint64), peer.memory_type), len(n))
+
+    def _drop_remote(self, remote_name: str) -> None:
+        """Forget a remote agent; a peer that is already gone may make NIXL complain, which is fine."""
+        try:
+            self._agent.remove_remote_agent(remote_name)
+        except Exception:
+            pass
+
+    def _release_or_abandon(self, handle: object, tag: str) -> bool:
+        """Release (cancel) a handle; if NIXL refuses, keep it under tag. True when released."""
+        try:
+            self._agent.release_xfer_handle(handle)
+            return True
+        except Exception:
+            with self._lock:
+                self._abandoned.append((tag, handle))
+            return False
