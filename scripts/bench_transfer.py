@@ -38,6 +38,11 @@ def fill_blocks(kv_cache: torch.Tensor) -> None:
     words.add_(torch.arange(num_blocks, dtype=torch.int32, device=kv_cache.device)[:, None] * _STRIDE)
 
 
+def _sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
 def check_blocks(kv_cache: torch.Tensor, local_ids: list[int], remote_ids: list[int]) -> None:
     words = kv_cache.view(kv_cache.shape[0], -1).view(torch.int32)[local_ids].to(torch.int64)
     num_words = words.shape[1]
@@ -53,6 +58,7 @@ def serve_owner(spec: KVCacheSpec, num_blocks: int, device: str, out: mp.Queue, 
         torch.cuda.set_device(torch.device(device))
     kv_cache = allocate_kv_cache(spec, num_blocks, torch.device(device))
     fill_blocks(kv_cache)
+    _sync(kv_cache)  # NIXL copies on its own streams: the fill must have landed first
     engine = TransferEngine("bench-owner", kv_cache, worker_id="owner", epoch=1, num_threads=num_threads)
     out.put(engine.metadata())
     stop.wait()
@@ -148,6 +154,7 @@ def measure(n: int, engine: TransferEngine, raw: RawReader, kv_cache: torch.Tens
     rows = []
     for name, (remote, local) in layouts.items():
         kv_cache.view(kv_cache.shape[0], -1)[local] = 0
+        _sync(kv_cache)  # else the zeroing kernel may land after the READ and fail the check
         stats = engine.read_blocks("owner", 1, remote, local, deadline=time.monotonic() + 60)
         check_blocks(kv_cache, local, remote)
         seconds = median_seconds(lambda: engine.read_blocks("owner", 1, remote, local, deadline=time.monotonic() + 60), args.repeats)
