@@ -82,8 +82,8 @@ def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
 
 
 def handle_from_proto(message: pb.KVHandle) -> KVHandle:
-    if not message.handle_id or not message.worker_id:
-        raise InvalidRequestError("kv_handle needs handle_id and worker_id", field="kv_handle")
+    if not (message.handle_id and message.worker_id and message.address):
+        raise InvalidRequestError("kv_handle needs handle_id, worker_id and address", field="kv_handle")
     return KVHandle(
         handle_id=message.handle_id,
         worker_id=message.worker_id,

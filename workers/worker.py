@@ -205,6 +205,7 @@ class Worker:
             raise InvalidRequestError("a kv_handle needs the first_token_id its Prefill returned", field="first_token_id", request_id=request_id)
         if handle.mode is not TransferMode.READ:
             raise InvalidRequestError("only READ handles are served (push is not built yet)", field="kv_handle", request_id=request_id)
+        await self._pair_with(handle)  # first: a peer with another block size fails here, saying so
         expected_blocks = blocks_for_tokens(len(prompt), self.engine.pool.block_size)
         if handle.num_tokens != len(prompt) or len(handle.block_ids) != expected_blocks:
             raise InvalidRequestError(
@@ -213,7 +214,6 @@ class Worker:
                 field="kv_handle",
                 request_id=request_id,
             )
-        await self._pair_with(handle)
         time_left = handle.lease_deadline - self.config.lease_margin_s - time.time()
         if time_left <= 0:
             raise LeaseExpiredError(f"request {request_id}: the lease of handle {handle.handle_id} has ended")

@@ -1,0 +1,175 @@
+"""Faults between worker processes of a tiny random Llama (fast to start): greedy tokens through
+context -> generation equal transformers', a peer of another block size is refused without leaking
+blocks on either side, Abort and Drain answer precisely, and a context worker killed with SIGKILL
+fails only the request that needed it, fast and retriable, while the generation worker serves on.
+The kill test is last: it leaves the module without a context worker."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tandem.proto import tandem_pb2 as pb
+
+BLOCK_SIZE = 4
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 16
+NUM_BLOCKS = 64
+LEASE_SECONDS = 3.0
+TRANSFER_TIMEOUT_S = 3.0
+MAX_TOKENS = 12
+PROMPTS = {  # shorter than a block, exactly two blocks, several blocks and a part
+    "short": [17, 42, 99],
+    "two-blocks": [5, 120, 33, 8, 77, 150, 61, 2],
+    "long": [11, 140, 23, 64, 3, 98, 131, 45, 7, 88, 19, 156, 72, 30, 101, 9, 54, 127, 36],
+}
+
+
+def kv_bytes_per_block(block_size: int) -> int:
+    return NUM_LAYERS * 2 * block_size * NUM_KV_HEADS * HEAD_DIM * 4  # K and V, float32
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    """A random Llama saved as safetensors (no tokenizer: prompts are token ids), and the HF model."""
+    config = LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=NUM_KV_HEADS, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model_dir = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    model.generation_config.eos_token_id = None  # the workers get ignore_eos
+    return model_dir, model
+
+
+def worker_args(model_dir, block_size: int = BLOCK_SIZE) -> list[str]:
+    return ["--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--block-size", str(block_size),
+            "--kv-cache-bytes", str(NUM_BLOCKS * kv_bytes_per_block(block_size)), "--lease-seconds", str(LEASE_SECONDS)]
+
+
+@pytest.fixture(scope="module")
+def pair(start_worker, tiny_llama):
+    model_dir, _ = tiny_llama
+    context = start_worker("context", *worker_args(model_dir))
+    generation = start_worker("generation", *worker_args(model_dir), "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
+    return context, generation
+
+
+@pytest.fixture(scope="module")
+def block8_generation(start_worker, tiny_llama):
+    return start_worker("generation", *worker_args(tiny_llama[0], block_size=8), "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
+
+
+def greedy(max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
+    return pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+def prefill(worker, request_id: str, prompt_ids: list[int]) -> pb.PrefillResponse:
+    return worker.stub.Prefill(pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy()), timeout=30)
+
+
+def generate(worker, request_id: str, prompt_ids: list[int], reply: pb.PrefillResponse | None = None) -> list[int]:
+    request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy())
+    if reply is not None:
+        request.kv_handle.CopyFrom(reply.kv_handle)
+        request.first_token_id = reply.first_token_id
+    return [t for chunk in worker.stub.Generate(request, timeout=30) for t in chunk.token_ids]
+
+
+def run_disaggregated(pair, request_id: str, prompt_ids: list[int]) -> list[int]:
+    context, generation = pair
+    reply = prefill(context, request_id, prompt_ids)
+    assert reply.HasField("kv_handle"), reply
+    return [reply.first_token_id] + generate(generation, request_id, prompt_ids, reply)
+
+
+def expected_tokens(hf_model, prompt_ids: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pool_full(worker) -> bool:
+    stats = worker.stats()
+    return stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_greedy_tokens_equal_transformers_and_blocks_return(pair, tiny_llama) -> None:
+    context, generation = pair
+    _, hf_model = tiny_llama
+    for name, prompt_ids in PROMPTS.items():
+        assert run_disaggregated(pair, f"greedy-{name}", prompt_ids) == expected_tokens(hf_model, prompt_ids), name
+    assert pool_full(generation)
+    wait_for(lambda: pool_full(context) and context.stats().num_leases == 0, 5.0, "the READs' notifications to end the leases")
+
+
+@pytest.mark.parametrize("prompt_name", ["short", "long"])  # one block on either side; more blocks on one
+def test_peer_of_another_block_size_is_refused_and_leaks_nothing(pair, block8_generation, prompt_name) -> None:
+    context, _ = pair
+    other = block8_generation
+    prompt_ids = PROMPTS[prompt_name]
+    reply = prefill(context, f"pairing-{prompt_name}", prompt_ids)
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(other, f"pairing-{prompt_name}", prompt_ids, reply)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    assert "block_size" in refused.value.details()
+    assert pool_full(other)
+    assert context.stub.Release(pb.ReleaseRequest(handle=reply.kv_handle), timeout=10).released
+    stats = context.stats()
+    assert stats.num_leases == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_abort_of_an_unknown_request_finds_nothing(pair) -> None:
+    _, generation = pair
+    assert not generation.stub.Abort(pb.AbortRequest(request_id="nobody"), timeout=10).found
+
+
+def test_drained_worker_refuses_new_work_as_retriable(start_worker, tiny_llama) -> None:
+    aggregated = start_worker("aggregated", *worker_args(tiny_llama[0]))
+    assert len(generate(aggregated, "before-drain", PROMPTS["short"])) == MAX_TOKENS
+    assert aggregated.stub.Drain(pb.DrainRequest(), timeout=30).num_requests_finished == 0
+    assert aggregated.stats().draining
+    for call in (lambda: prefill(aggregated, "after-drain", PROMPTS["short"]),
+                 lambda: generate(aggregated, "after-drain", PROMPTS["short"])):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert "draining" in refused.value.details()
+
+
+def test_killed_context_worker_fails_its_request_fast_and_generation_serves_on(pair, tiny_llama) -> None:
+    context, generation = pair
+    _, hf_model = tiny_llama
+    run_disaggregated(pair, "before-kill", PROMPTS["long"])  # the generation worker now holds the peer
+    prompt_ids = PROMPTS["two-blocks"][::-1]  # nothing of it cached on the generation side
+    reply = prefill(context, "orphaned-by-kill", prompt_ids)
+    os.kill(context.process.pid, signal.SIGKILL)
+    context.process.wait(10)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        generate(generation, "orphaned-by-kill", prompt_ids, reply)
+    elapsed = time.monotonic() - start
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert context.ready["worker_id"] in failed.value.details()
+    assert elapsed < TRANSFER_TIMEOUT_S + 5, elapsed
+    wait_for(lambda: pool_full(generation) and generation.stats().num_transferring == 0, 10.0,
+             "the failed READ's blocks to return to the generation pool")
+    assert generate(generation, "after-kill", PROMPTS["long"]) == expected_tokens(hf_model, PROMPTS["long"])
