@@ -39,6 +39,7 @@ class KVHandle:
     num_tokens: int
     lease_deadline: float  # time.time() seconds; the blocks may be reused after it
     mode: TransferMode = TransferMode.READ
+    staging_offset: int | None = None  # the owner staged block_ids[i] at its staging slot offset + i
 
 
 class LeaseError(Exception):
@@ -88,7 +89,9 @@ class LeaseTable:
     def num_pinned_blocks(self) -> int:
         return sum(len(lease.handle.block_ids) for lease in self._leases.values())
 
-    def grant(self, request_id: str, block_ids: tuple[int, ...], num_tokens: int) -> KVHandle:
+    def grant(
+        self, request_id: str, block_ids: tuple[int, ...], num_tokens: int, staging_offset: int | None = None
+    ) -> KVHandle:
         """Pin block_ids (already allocated by the caller) and return the handle naming them."""
         self._next_id += 1
         handle = KVHandle(
@@ -100,6 +103,7 @@ class LeaseTable:
             block_ids=block_ids,
             num_tokens=num_tokens,
             lease_deadline=self._clock() + self.lease_seconds,
+            staging_offset=staging_offset,
         )
         self._leases[handle.handle_id] = _Lease(handle, request_id)
         return handle
@@ -114,34 +118,34 @@ class LeaseTable:
                 " its blocks are gone"
             )
 
-    def end(self, handle_id: str) -> tuple[int, ...] | None:
-        """Acknowledge or release a lease: its blocks, for the caller to free; None if it had
-        already ended. Raises UnknownHandleError for an id this table never issued."""
+    def end(self, handle_id: str) -> KVHandle | None:
+        """Acknowledge or release a lease: its handle, whose blocks (and staging slots) the caller
+        frees; None if it had already ended. Raises UnknownHandleError for an id never issued."""
         lease = self._leases.pop(handle_id, None)
         if lease is None:
             if handle_id in self._ended:
                 return None
             raise UnknownHandleError(f"no KV handle {handle_id!r} on worker {self.worker_id!r} epoch {self.epoch}")
         self._remember_ended(handle_id)
-        return lease.handle.block_ids
+        return lease.handle
 
-    def acknowledge(self, handle_id: str) -> tuple[int, ...] | None:
+    def acknowledge(self, handle_id: str) -> KVHandle | None:
         """The peer finished its READ: like end(), counted, and silent about unknown ids (a
         notification from a peer is not an API call that could be answered with an error)."""
         try:
-            block_ids = self.end(handle_id)
+            handle = self.end(handle_id)
         except UnknownHandleError:
             return None
-        if block_ids is not None:
+        if handle is not None:
             self.num_acknowledged += 1
-        return block_ids
+        return handle
 
-    def expire(self) -> list[tuple[int, ...]]:
-        """End every lease past its deadline; returns their blocks for the caller to free."""
+    def expire(self) -> list[KVHandle]:
+        """End every lease past its deadline; returns their handles for the caller to free."""
         now = self._clock()
         expired = [hid for hid, lease in self._leases.items() if lease.handle.lease_deadline <= now]
         self.num_expired += len(expired)
-        return [block_ids for hid in expired if (block_ids := self.end(hid)) is not None]
+        return [handle for hid in expired if (handle := self.end(hid)) is not None]
 
     def handles_of_request(self, request_id: str) -> list[str]:
         return [hid for hid, lease in self._leases.items() if lease.request_id == request_id]

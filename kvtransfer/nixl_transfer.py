@@ -47,6 +47,11 @@ from dataclasses import dataclass
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
+from tandem.kvtransfer.staging import StagingArena
+
+# Stage when a block list has more runs than this: on GPUs a descriptor costs ~6 us, a staging
+# copy of a few MiB about 10-20 us of launches and HBM traffic (shared/gpu/README.md).
+STAGE_MIN_RUNS = 8
 _SPIN_S = 200e-6  # poll without sleeping this long: a sleep costs ~60 us more than asked
 _MIN_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
@@ -65,6 +70,8 @@ class PeerMetadata:
     num_blocks: int
     memory_type: str  # "DRAM" or "VRAM"
     device_id: int
+    staging_address: int = 0  # the owner's staging slots (kvtransfer/staging.py); 0: none
+    staging_slots: int = 0
 
 
 class TransferError(RuntimeError):
@@ -119,6 +126,17 @@ def coalesce_runs(remote_ids: Sequence[int], local_ids: Sequence[int]) -> list[t
     return [(r, l, n) for r, l, n in runs]
 
 
+def _num_runs(ids: Sequence[int]) -> int:
+    """Runs of consecutive ids, in list order (staging keeps the order)."""
+    return sum(1 for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1] + 1)
+
+
+def _synchronize(tensor: torch.Tensor) -> None:
+    """NIXL copies on its own CUDA streams: wait for our kernels on this tensor's device to land."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
+
+
 def _check_ids(ids: Sequence[int], num_blocks: int, side: str) -> list[int]:
     try:
         ids = [operator.index(i) for i in ids]
@@ -138,7 +156,10 @@ class _Peer:
 class TransferEngine:
     """One worker's NIXL agent over its registered KV cache (see the module docstring)."""
 
-    def __init__(self, agent_name: str, kv_cache: torch.Tensor, *, worker_id: str, epoch: int, num_threads: int = 0) -> None:
+    def __init__(
+        self, agent_name: str, kv_cache: torch.Tensor, *, worker_id: str, epoch: int, num_threads: int = 0,
+        staging_blocks: int = 0, stage_min_runs: int = STAGE_MIN_RUNS,
+    ) -> None:
         if kv_cache.dim() < 2 or kv_cache.shape[0] < 1 or kv_cache.numel() == 0:
             raise ValueError(f"kv_cache must be [num_blocks, ...] with num_blocks >= 1, got {tuple(kv_cache.shape)}")
         if not kv_cache.is_contiguous():
@@ -146,7 +167,8 @@ class TransferEngine:
         self._kv_cache = kv_cache  # keeps the registered memory alive
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
-        self._abandoned: list[tuple[str, object]] = []  # (tag, nixl_xfer_handle)
+        # (tag, nixl xfer handle, staging run it may still write or None)
+        self._abandoned: list[tuple[str, object, tuple[int, int] | None]] = []
         self._tags = itertools.count()
         self._closed = False
         self.worker_id, self.epoch = worker_id, epoch
@@ -162,13 +184,21 @@ class TransferEngine:
             self._agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"], sync_mode=rw))
         if "UCX" not in self._agent.backends:
             raise RuntimeError("NIXL UCX backend is not available")
-        region = (kv_cache.data_ptr(), self.num_blocks * self.bytes_per_block, self.device_id, "")
-        self._registration = self._agent.register_memory([region], self.memory_type)
+        # Every block as a row of bytes: what staging gathers from and scatters into.
+        self._block_bytes = kv_cache.view(torch.uint8).view(self.num_blocks, self.bytes_per_block)
+        self.stage_min_runs = stage_min_runs
+        self._arena = StagingArena(staging_blocks, self.bytes_per_block, kv_cache.device) if staging_blocks > 0 else None
+        regions = [(kv_cache.data_ptr(), self.num_blocks * self.bytes_per_block, self.device_id, "")]
+        if self._arena is not None:
+            regions.append((self._arena.buffer.data_ptr(), self._arena.buffer.numel(), self.device_id, ""))
+        self._registration = self._agent.register_memory(regions, self.memory_type)
         self._metadata = PeerMetadata(
             worker_id=worker_id, epoch=epoch, agent_name=agent_name,
             agent_metadata=self._agent.get_agent_metadata(), base_address=kv_cache.data_ptr(),
             bytes_per_block=self.bytes_per_block, num_blocks=self.num_blocks,
             memory_type=self.memory_type, device_id=self.device_id,
+            staging_address=self._arena.buffer.data_ptr() if self._arena else 0,
+            staging_slots=self._arena.num_slots if self._arena else 0,
         )
 
     def metadata(self) -> PeerMetadata:
@@ -220,31 +250,92 @@ class TransferEngine:
             if held is not None and not self._closed:
                 self._drop_remote(held.remote_name)
 
+    def stage(self, block_ids: Sequence[int]) -> int | None:
+        """Owner side: gather blocks into adjacent staging slots when they are scattered enough for
+        one descriptor to beat many; returns the first slot (block_ids[i] is at slot + i), or None
+        (no staging, too few runs to pay, or no room) and the blocks are read where they are."""
+        if self._arena is None or _num_runs(block_ids) <= self.stage_min_runs:
+            return None
+        slot = self._arena.allocate(len(block_ids))
+        if slot is None:
+            return None
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self._block_bytes.device)
+        torch.index_select(self._block_bytes, 0, index, out=self._arena.buffer[slot : slot + len(block_ids)])
+        _synchronize(self._block_bytes)  # a peer may READ the slots as soon as the handle is out
+        return slot
+
+    def unstage(self, slot: int, count: int) -> None:
+        """Give back staging slots from stage() (the lease that needed them ended)."""
+        assert self._arena is not None, "unstage without a staging arena"
+        self._arena.free(slot, count)
+
     def read_blocks(
         self, worker_id: str, epoch: int, remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
-        *, deadline: float, notification: bytes = b"", tag: str = "",
+        *, deadline: float, notification: bytes = b"", tag: str = "", remote_staged_at: int | None = None,
     ) -> TransferStats:
         """READ remote blocks into local blocks, blocking until done or ``deadline`` (time.monotonic()).
 
-        Raises ValueError (nothing moved) for bad ids, StalePeerError for an unknown peer or epoch,
-        TransferError when NIXL reports an error, TransferTimeout at the deadline. After a timeout
-        with ``local_blocks_reusable=False`` the transfer is kept under ``tag`` (the exception's tag)
+        With ``remote_staged_at`` the owner has staged remote_block_ids[i] at its staging slot
+        remote_staged_at + i: one descriptor reads them all, into our own staging slots first when
+        the local blocks are scattered (then scattered into place). Raises ValueError (nothing
+        moved) for bad ids, StalePeerError for an unknown peer or epoch, TransferError when NIXL
+        reports an error, TransferTimeout at the deadline. After a timeout with
+        ``local_blocks_reusable=False`` the transfer is kept under ``tag`` (the exception's tag)
         until ``reap_abandoned`` returns it.
         """
         start = time.perf_counter()
         tag = tag or f"{worker_id}:{epoch}:{next(self._tags)}"
         peer = self._peer(worker_id, epoch, tag)
-        descs = self._descriptors(peer.meta, remote_block_ids, local_block_ids)
-        num_blocks = len(remote_block_ids)
+        remote_ids, local_ids = self._checked_ids(peer.meta, remote_block_ids, local_block_ids)
+        count = len(local_ids)
+        remote_region = (peer.meta.base_address, remote_ids)
+        if remote_staged_at is not None:
+            if not 0 <= remote_staged_at <= peer.meta.staging_slots - count:
+                raise ValueError(f"staging slots {remote_staged_at}+{count} out of the {peer.meta.staging_slots} of {worker_id}")
+            remote_region = (peer.meta.staging_address, list(range(remote_staged_at, remote_staged_at + count)))
+        local_slot = None
+        if remote_staged_at is not None and self._arena is not None and _num_runs(local_ids) > self.stage_min_runs:
+            local_slot = self._arena.allocate(count)  # None: no room, READ straight into the blocks
+        local_region = (self._metadata.base_address, local_ids)
+        if local_slot is not None:
+            local_region = (self._arena.buffer.data_ptr(), list(range(local_slot, local_slot + count)))
+        try:
+            num_descriptors = self._read(peer, remote_region, local_region, deadline, notification, tag, local_slot, count)
+        except TransferError as error:
+            if local_slot is not None and error.local_blocks_reusable:
+                self._arena.free(local_slot, count)
+            if local_slot is not None:
+                error.local_blocks_reusable = True  # a late write lands in staging slots, not in the blocks
+            raise
+        if local_slot is not None:
+            index = torch.tensor(local_ids, dtype=torch.long, device=self._block_bytes.device)
+            self._block_bytes.index_copy_(0, index, self._arena.buffer[local_slot : local_slot + count])
+            _synchronize(self._block_bytes)
+            self._arena.free(local_slot, count)
+        return TransferStats(count, num_descriptors, count * self.bytes_per_block, time.perf_counter() - start)
+
+    def _read(
+        self, peer: _Peer, remote_region: tuple[int, list[int]], local_region: tuple[int, list[int]],
+        deadline: float, notification: bytes, tag: str, local_slot: int | None, count: int,
+    ) -> int:
+        """Post one READ of the coalesced (remote, local) runs and wait for it; returns the number
+        of descriptors. ``*_region`` is (base address, slot index of each block)."""
+        (remote_base, remote_slots), (local_base, local_slots) = remote_region, local_region
+        runs = coalesce_runs(remote_slots, local_slots)
+        bpb = self.bytes_per_block
+        local = self._agent.get_xfer_descs([(local_base + l * bpb, n * bpb, self.device_id) for _, l, n in runs], self.memory_type)
+        remote = self._agent.get_xfer_descs(
+            [(remote_base + r * bpb, n * bpb, peer.meta.device_id) for r, _, n in runs], peer.meta.memory_type
+        )
 
         def error(cls: type[TransferError], what: str, reusable: bool) -> TransferError:
-            msg = (f"READ of {num_blocks} blocks from {worker_id} epoch {epoch} ({peer.remote_name}) {what}; "
-                   f"deadline {deadline - time.monotonic():+.3f} s from now, tag {tag!r}")
-            return cls(msg, worker_id=worker_id, epoch=epoch, tag=tag, retriable=True, local_blocks_reusable=reusable)
+            msg = (f"READ of {count} blocks from {peer.meta.worker_id} epoch {peer.meta.epoch} ({peer.remote_name}) "
+                   f"{what}; deadline {deadline - time.monotonic():+.3f} s from now, tag {tag!r}")
+            return cls(msg, worker_id=peer.meta.worker_id, epoch=peer.meta.epoch, tag=tag, retriable=True,
+                       local_blocks_reusable=reusable)
 
         if time.monotonic() >= deadline:
             raise error(TransferTimeout, "not posted: deadline already passed", True)
-        local, remote, num_descriptors = descs
         try:
             handle = self._agent.initialize_xfer("READ", local, remote, peer.remote_name, notification)
         except Exception as e:
@@ -255,32 +346,36 @@ class TransferEngine:
             state = "ERR"
         sleep = _MIN_SLEEP_S
         spin_until = time.monotonic() + _SPIN_S
+        staging_run = (local_slot, count) if local_slot is not None else None
         while state == "PROC":
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
-                reusable = self._release_or_abandon(handle, tag)
+                reusable = self._release_or_abandon(handle, tag, staging_run)
                 raise error(TransferTimeout, "timed out" + ("" if reusable else ", could not cancel it"), reusable)
             if now > spin_until:  # a GPU READ of a few MiB is done in tens of microseconds: spin first
                 time.sleep(min(sleep, remaining))
                 sleep = min(sleep * 2, _MAX_SLEEP_S)
             state = self._agent.check_xfer_state(handle)
         if state != "DONE":
-            reusable = self._release_or_abandon(handle, tag)
+            reusable = self._release_or_abandon(handle, tag, staging_run)
             raise error(TransferError, "failed (NIXL state ERR)", reusable)
         self._agent.release_xfer_handle(handle)
-        return TransferStats(num_blocks, num_descriptors, num_blocks * self.bytes_per_block, time.perf_counter() - start)
+        return len(runs)
 
     def reap_abandoned(self) -> list[str]:
         """Tags of abandoned transfers now released: their local blocks are safe to reuse again."""
         reaped, kept = [], []
         with self._lock:
-            for tag, handle in self._abandoned:
+            for tag, handle, staging_run in self._abandoned:
                 try:
                     self._agent.release_xfer_handle(handle)
-                    reaped.append(tag)
                 except Exception:
-                    kept.append((tag, handle))
+                    kept.append((tag, handle, staging_run))
+                    continue
+                reaped.append(tag)
+                if staging_run is not None:
+                    self._arena.free(*staging_run)
             self._abandoned = kept
         return reaped
 
@@ -296,7 +391,7 @@ class TransferEngine:
             if self._closed:
                 return
             self._closed = True
-            for tag, handle in self._abandoned:
+            for _tag, handle, _staging_run in self._abandoned:
                 try:
                     self._agent.release_xfer_handle(handle)
                 except Exception:
@@ -324,8 +419,10 @@ class TransferEngine:
             )
         return held
 
-    def _descriptors(self, peer: PeerMetadata, remote_block_ids: Sequence[int], local_block_ids: Sequence[int]):
-        """Validated, coalesced (local, remote) NIXL descriptor lists and their length."""
+    def _checked_ids(
+        self, peer: PeerMetadata, remote_block_ids: Sequence[int], local_block_ids: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """Both id lists as ints, validated against both caches; ValueError before anything moves."""
         if len(remote_block_ids) != len(local_block_ids):
             raise ValueError(f"{len(remote_block_ids)} remote ids but {len(local_block_ids)} local ids")
         if len(remote_block_ids) == 0:
@@ -338,12 +435,7 @@ class TransferEngine:
         local_ids = _check_ids(local_block_ids, self.num_blocks, "local")
         if len(set(local_ids)) != len(local_ids):
             raise ValueError("local block ids must be distinct")
-        runs = coalesce_runs(remote_ids, local_ids)
-        bpb, base, peer_base = self.bytes_per_block, self._metadata.base_address, peer.base_address
-        local = [(base + l * bpb, n * bpb, self.device_id) for _, l, n in runs]
-        remote = [(peer_base + r * bpb, n * bpb, peer.device_id) for r, _, n in runs]
-        return (self._agent.get_xfer_descs(local, self.memory_type),
-                self._agent.get_xfer_descs(remote, peer.memory_type), len(runs))
+        return remote_ids, local_ids
 
     def _drop_remote(self, remote_name: str) -> None:
         """Forget a remote agent; a peer that is already gone may make NIXL complain, which is fine."""
@@ -352,12 +444,12 @@ class TransferEngine:
         except Exception:
             pass
 
-    def _release_or_abandon(self, handle: object, tag: str) -> bool:
+    def _release_or_abandon(self, handle: object, tag: str, staging_run: tuple[int, int] | None) -> bool:
         """Release (cancel) a handle; if NIXL refuses, keep it under tag. True when released."""
         try:
             self._agent.release_xfer_handle(handle)
             return True
         except Exception:
             with self._lock:
-                self._abandoned.append((tag, handle))
+                self._abandoned.append((tag, handle, staging_run))
             return False

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/tandem.proto\x12\ttandem.v1\"\xce\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x1b\n\x13skip_special_tokens\x18\r \x01(\x08\x12\r\n\x05min_p\x18\x0e \x01(\x02\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"C\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xcf\x01\n\x08KVHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x12\n\nagent_name\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x1b\n\x13lease_deadline_unix\x18\x08 \x01(\x01\x12%\n\x04mode\x18\t \x01(\x0e\x32\x17.tandem.v1.TransferMode\"i\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"\xb9\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x12\n\nfirst_text\x18\x03 \x01(\t\x12\x33\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x17.tandem.v1.TokenLogprobH\x00\x88\x01\x01\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12+\n\tkv_handle\x18\x06 \x01(\x0b\x32\x13.tandem.v1.KVHandleH\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\rB\x10\n\x0e_first_logprobB\x0c\n\n_kv_handle\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12+\n\tkv_handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandleH\x00\x88\x01\x01\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_kv_handleB\x11\n\x0f_first_token_id\"\xaf\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\x30\n\x08transfer\x18\t \x01(\x0b\x32\x19.tandem.v1.TransferReportH\x00\x88\x01\x01\x42\x0b\n\t_transfer\"\x95\x01\n\x0eTransferReport\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fnum_descriptors\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x17\n\x0flocal_block_ids\x18\x06 \x03(\r\"5\n\x0eReleaseRequest\x12#\n\x06handle\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0c\x44rainRequest\".\n\rDrainResponse\x12\x1d\n\x15num_requests_finished\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9c\x03\n\rStatsResponse\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\r\x12\x18\n\x10num_transferring\x18\x08 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\t \x01(\r\x12\x18\n\x10num_total_blocks\x18\n \x01(\r\x12\x12\n\nnum_leases\x18\x0b \x01(\r\x12\x1a\n\x12num_leases_expired\x18\x0c \x01(\x04\x12\x1e\n\x16num_transferred_blocks\x18\r \x01(\x04\x12\x1d\n\x15num_transferred_bytes\x18\x0e \x01(\x04\x12\"\n\x1anum_prompt_tokens_computed\x18\x0f \x01(\x04\x12\x19\n\x11num_pinned_blocks\x18\x10 \x01(\r\"\x19\n\x17TransferMetadataRequest\"\xdb\x03\n\x10TransferMetadata\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x12\n\nagent_name\x18\x05 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x06 \x01(\x0c\x12\x14\n\x0c\x62\x61se_address\x18\x07 \x01(\x04\x12\x17\n\x0f\x62ytes_per_block\x18\x08 \x01(\x04\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x13\n\x0bmemory_type\x18\n \x01(\t\x12\x11\n\tdevice_id\x18\x0b \x01(\r\x12\r\n\x05model\x18\x0c \x01(\t\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x10\n\x08kv_dtype\x18\x0e \x01(\t\x12\x12\n\nnum_layers\x18\x0f \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x10 \x01(\r\x12\x10\n\x08head_dim\x18\x11 \x01(\r\x12\x11\n\tkv_layout\x18\x12 \x01(\t\x12\x1a\n\x12kv_events_endpoint\x18\x13 \x01(\t\x12!\n\x19kv_events_replay_endpoint\x18\x14 \x01(\t\x12\x17\n\x0fkv_events_topic\x18\x15 \x01(\t*X\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_CONTEXT\x10\x01\x12\x13\n\x0fROLE_GENERATION\x10\x02\x12\x13\n\x0fROLE_AGGREGATED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*>\n\x0cTransferMode\x12\x16\n\x12TRANSFER_MODE_READ\x10\x00\x12\x16\n\x12TRANSFER_MODE_PUSH\x10\x01\x32\xdc\x03\n\x06Worker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12\x42\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateChunk0\x01\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse\x12V\n\x13GetTransferMetadata\x12\".tandem.v1.TransferMetadataRequest\x1a\x1b.tandem.v1.TransferMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/tandem.proto\x12\ttandem.v1\"\xce\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x1b\n\x13skip_special_tokens\x18\r \x01(\x08\x12\r\n\x05min_p\x18\x0e \x01(\x02\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"C\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xff\x01\n\x08KVHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x12\n\nagent_name\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x1b\n\x13lease_deadline_unix\x18\x08 \x01(\x01\x12%\n\x04mode\x18\t \x01(\x0e\x32\x17.tandem.v1.TransferMode\x12\x1b\n\x0estaging_offset\x18\n \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_staging_offset\"i\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"\xb9\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x12\n\nfirst_text\x18\x03 \x01(\t\x12\x33\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x17.tandem.v1.TokenLogprobH\x00\x88\x01\x01\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12+\n\tkv_handle\x18\x06 \x01(\x0b\x32\x13.tandem.v1.KVHandleH\x01\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\rB\x10\n\x0e_first_logprobB\x0c\n\n_kv_handle\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12+\n\tkv_handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandleH\x00\x88\x01\x01\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_kv_handleB\x11\n\x0f_first_token_id\"\xaf\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\x30\n\x08transfer\x18\t \x01(\x0b\x32\x19.tandem.v1.TransferReportH\x00\x88\x01\x01\x42\x0b\n\t_transfer\"\x95\x01\n\x0eTransferReport\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fnum_descriptors\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x17\n\x0flocal_block_ids\x18\x06 \x03(\r\"5\n\x0eReleaseRequest\x12#\n\x06handle\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0c\x44rainRequest\".\n\rDrainResponse\x12\x1d\n\x15num_requests_finished\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9c\x03\n\rStatsResponse\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\r\x12\x18\n\x10num_transferring\x18\x08 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\t \x01(\r\x12\x18\n\x10num_total_blocks\x18\n \x01(\r\x12\x12\n\nnum_leases\x18\x0b \x01(\r\x12\x1a\n\x12num_leases_expired\x18\x0c \x01(\x04\x12\x1e\n\x16num_transferred_blocks\x18\r \x01(\x04\x12\x1d\n\x15num_transferred_bytes\x18\x0e \x01(\x04\x12\"\n\x1anum_prompt_tokens_computed\x18\x0f \x01(\x04\x12\x19\n\x11num_pinned_blocks\x18\x10 \x01(\r\"\x19\n\x17TransferMetadataRequest\"\x8b\x04\n\x10TransferMetadata\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x12\n\nagent_name\x18\x05 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x06 \x01(\x0c\x12\x14\n\x0c\x62\x61se_address\x18\x07 \x01(\x04\x12\x17\n\x0f\x62ytes_per_block\x18\x08 \x01(\x04\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x13\n\x0bmemory_type\x18\n \x01(\t\x12\x11\n\tdevice_id\x18\x0b \x01(\r\x12\r\n\x05model\x18\x0c \x01(\t\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x10\n\x08kv_dtype\x18\x0e \x01(\t\x12\x12\n\nnum_layers\x18\x0f \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x10 \x01(\r\x12\x10\n\x08head_dim\x18\x11 \x01(\r\x12\x11\n\tkv_layout\x18\x12 \x01(\t\x12\x1a\n\x12kv_events_endpoint\x18\x13 \x01(\t\x12!\n\x19kv_events_replay_endpoint\x18\x14 \x01(\t\x12\x17\n\x0fkv_events_topic\x18\x15 \x01(\t\x12\x17\n\x0fstaging_address\x18\x16 \x01(\x04\x12\x15\n\rstaging_slots\x18\x17 \x01(\r*X\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_CONTEXT\x10\x01\x12\x13\n\x0fROLE_GENERATION\x10\x02\x12\x13\n\x0fROLE_AGGREGATED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*>\n\x0cTransferMode\x12\x16\n\x12TRANSFER_MODE_READ\x10\x00\x12\x16\n\x12TRANSFER_MODE_PUSH\x10\x01\x32\xdc\x03\n\x06Worker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12\x42\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateChunk0\x01\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponse\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse\x12V\n\x13GetTransferMetadata\x12\".tandem.v1.TransferMetadataRequest\x1a\x1b.tandem.v1.TransferMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.proto.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2962
-  _globals['_ROLE']._serialized_end=3050
-  _globals['_FINISHREASON']._serialized_start=3052
-  _globals['_FINISHREASON']._serialized_end=3172
-  _globals['_TRANSFERMODE']._serialized_start=3174
-  _globals['_TRANSFERMODE']._serialized_end=3236
+  _globals['_ROLE']._serialized_start=3058
+  _globals['_ROLE']._serialized_end=3146
+  _globals['_FINISHREASON']._serialized_start=3148
+  _globals['_FINISHREASON']._serialized_end=3268
+  _globals['_TRANSFERMODE']._serialized_start=3270
+  _globals['_TRANSFERMODE']._serialized_end=3332
   _globals['_SAMPLINGPARAMS']._serialized_start=41
   _globals['_SAMPLINGPARAMS']._serialized_end=375
   _globals['_TOPLOGPROB']._serialized_start=377
@@ -44,37 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=426
   _globals['_TOKENLOGPROB']._serialized_end=493
   _globals['_KVHANDLE']._serialized_start=496
-  _globals['_KVHANDLE']._serialized_end=703
-  _globals['_PREFILLREQUEST']._serialized_start=705
-  _globals['_PREFILLREQUEST']._serialized_end=810
-  _globals['_PREFILLRESPONSE']._serialized_start=813
-  _globals['_PREFILLRESPONSE']._serialized_end=1126
-  _globals['_GENERATEREQUEST']._serialized_start=1129
-  _globals['_GENERATEREQUEST']._serialized_end=1342
-  _globals['_GENERATECHUNK']._serialized_start=1345
-  _globals['_GENERATECHUNK']._serialized_end=1648
-  _globals['_TRANSFERREPORT']._serialized_start=1651
-  _globals['_TRANSFERREPORT']._serialized_end=1800
-  _globals['_RELEASEREQUEST']._serialized_start=1802
-  _globals['_RELEASEREQUEST']._serialized_end=1855
-  _globals['_RELEASERESPONSE']._serialized_start=1857
-  _globals['_RELEASERESPONSE']._serialized_end=1892
-  _globals['_ABORTREQUEST']._serialized_start=1894
-  _globals['_ABORTREQUEST']._serialized_end=1928
-  _globals['_ABORTRESPONSE']._serialized_start=1930
-  _globals['_ABORTRESPONSE']._serialized_end=1960
-  _globals['_DRAINREQUEST']._serialized_start=1962
-  _globals['_DRAINREQUEST']._serialized_end=1976
-  _globals['_DRAINRESPONSE']._serialized_start=1978
-  _globals['_DRAINRESPONSE']._serialized_end=2024
-  _globals['_STATSREQUEST']._serialized_start=2026
-  _globals['_STATSREQUEST']._serialized_end=2040
-  _globals['_STATSRESPONSE']._serialized_start=2043
-  _globals['_STATSRESPONSE']._serialized_end=2455
-  _globals['_TRANSFERMETADATAREQUEST']._serialized_start=2457
-  _globals['_TRANSFERMETADATAREQUEST']._serialized_end=2482
-  _globals['_TRANSFERMETADATA']._serialized_start=2485
-  _globals['_TRANSFERMETADATA']._serialized_end=2960
-  _globals['_WORKER']._serialized_start=3239
-  _globals['_WORKER']._serialized_end=3715
+  _globals['_KVHANDLE']._serialized_end=751
+  _globals['_PREFILLREQUEST']._serialized_start=753
+  _globals['_PREFILLREQUEST']._serialized_end=858
+  _globals['_PREFILLRESPONSE']._serialized_start=861
+  _globals['_PREFILLRESPONSE']._serialized_end=1174
+  _globals['_GENERATEREQUEST']._serialized_start=1177
+  _globals['_GENERATEREQUEST']._serialized_end=1390
+  _globals['_GENERATECHUNK']._serialized_start=1393
+  _globals['_GENERATECHUNK']._serialized_end=1696
+  _globals['_TRANSFERREPORT']._serialized_start=1699
+  _globals['_TRANSFERREPORT']._serialized_end=1848
+  _globals['_RELEASEREQUEST']._serialized_start=1850
+  _globals['_RELEASEREQUEST']._serialized_end=1903
+  _globals['_RELEASERESPONSE']._serialized_start=1905
+  _globals['_RELEASERESPONSE']._serialized_end=1940
+  _globals['_ABORTREQUEST']._serialized_start=1942
+  _globals['_ABORTREQUEST']._serialized_end=1976
+  _globals['_ABORTRESPONSE']._serialized_start=1978
+  _globals['_ABORTRESPONSE']._serialized_end=2008
+  _globals['_DRAINREQUEST']._serialized_start=2010
+  _globals['_DRAINREQUEST']._serialized_end=2024
+  _globals['_DRAINRESPONSE']._serialized_start=2026
+  _globals['_DRAINRESPONSE']._serialized_end=2072
+  _globals['_STATSREQUEST']._serialized_start=2074
+  _globals['_STATSREQUEST']._serialized_end=2088
+  _globals['_STATSRESPONSE']._serialized_start=2091
+  _globals['_STATSRESPONSE']._serialized_end=2503
+  _globals['_TRANSFERMETADATAREQUEST']._serialized_start=2505
+  _globals['_TRANSFERMETADATAREQUEST']._serialized_end=2530
+  _globals['_TRANSFERMETADATA']._serialized_start=2533
+  _globals['_TRANSFERMETADATA']._serialized_end=3056
+  _globals['_WORKER']._serialized_start=3335
+  _globals['_WORKER']._serialized_end=3811
 # @@protoc_insertion_point(module_scope)

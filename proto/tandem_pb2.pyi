@@ -85,7 +85,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("handle_id", "worker_id", "epoch", "agent_name", "address", "block_ids", "num_tokens", "lease_deadline_unix", "mode")
+    __slots__ = ("handle_id", "worker_id", "epoch", "agent_name", "address", "block_ids", "num_tokens", "lease_deadline_unix", "mode", "staging_offset")
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class KVHandle(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    STAGING_OFFSET_FIELD_NUMBER: _ClassVar[int]
     handle_id: str
     worker_id: str
     epoch: int
@@ -104,7 +105,8 @@ class KVHandle(_message.Message):
     num_tokens: int
     lease_deadline_unix: float
     mode: TransferMode
-    def __init__(self, handle_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., agent_name: _Optional[str] = ..., address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_deadline_unix: _Optional[float] = ..., mode: _Optional[_Union[TransferMode, str]] = ...) -> None: ...
+    staging_offset: int
+    def __init__(self, handle_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., agent_name: _Optional[str] = ..., address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_deadline_unix: _Optional[float] = ..., mode: _Optional[_Union[TransferMode, str]] = ..., staging_offset: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params")
@@ -267,7 +269,7 @@ class TransferMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TransferMetadata(_message.Message):
-    __slots__ = ("api_version", "worker_id", "epoch", "role", "agent_name", "agent_metadata", "base_address", "bytes_per_block", "num_blocks", "memory_type", "device_id", "model", "block_size", "kv_dtype", "num_layers", "num_kv_heads", "head_dim", "kv_layout", "kv_events_endpoint", "kv_events_replay_endpoint", "kv_events_topic")
+    __slots__ = ("api_version", "worker_id", "epoch", "role", "agent_name", "agent_metadata", "base_address", "bytes_per_block", "num_blocks", "memory_type", "device_id", "model", "block_size", "kv_dtype", "num_layers", "num_kv_heads", "head_dim", "kv_layout", "kv_events_endpoint", "kv_events_replay_endpoint", "kv_events_topic", "staging_address", "staging_slots")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +291,8 @@ class TransferMetadata(_message.Message):
     KV_EVENTS_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_REPLAY_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    STAGING_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGING_SLOTS_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     worker_id: str
     epoch: int
@@ -310,4 +314,6 @@ class TransferMetadata(_message.Message):
     kv_events_endpoint: str
     kv_events_replay_endpoint: str
     kv_events_topic: str
-    def __init__(self, api_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., base_address: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., memory_type: _Optional[str] = ..., device_id: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_layout: _Optional[str] = ..., kv_events_endpoint: _Optional[str] = ..., kv_events_replay_endpoint: _Optional[str] = ..., kv_events_topic: _Optional[str] = ...) -> None: ...
+    staging_address: int
+    staging_slots: int
+    def __init__(self, api_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., base_address: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., memory_type: _Optional[str] = ..., device_id: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_layout: _Optional[str] = ..., kv_events_endpoint: _Optional[str] = ..., kv_events_replay_endpoint: _Optional[str] = ..., kv_events_topic: _Optional[str] = ..., staging_address: _Optional[int] = ..., staging_slots: _Optional[int] = ...) -> None: ...

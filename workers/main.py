@@ -40,6 +40,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-events-port", type=int, default=0, help="ZMQ PUB port for KV events; 0 picks one")
     parser.add_argument("--kv-events-replay-port", type=int, default=0, help="ZMQ ROUTER replay port; 0 picks one")
     parser.add_argument("--nixl-threads", type=int, default=0, help="UCX backend progress threads (0: NIXL default)")
+    parser.add_argument(
+        "--staging-blocks", type=int, default=None,
+        help="staging slots that gather scattered blocks into one NIXL descriptor"
+        " (default: an eighth of the KV blocks, at most 2048, on GPUs; none on CPU, where descriptors are cheap)",
+    )
+    parser.add_argument(
+        "--stage-min-runs", type=int, default=None,
+        help="stage a handle's blocks when they form more runs of adjacent ids than this (default 8)",
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -75,7 +84,14 @@ async def serve(args: argparse.Namespace) -> None:
     device = resolve_device(config.device)
     loaded = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device, show_progress=False)
     engine = LLMEngine(loaded, config, device)
-    transfer = TransferEngine(f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch, num_threads=args.nixl_threads)
+    staging_blocks = args.staging_blocks
+    if staging_blocks is None:
+        staging_blocks = min(engine.pool.num_blocks // 8, 2048) if device.type == "cuda" else 0
+    transfer = TransferEngine(
+        f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch,
+        num_threads=args.nixl_threads, staging_blocks=staging_blocks,
+        **({} if args.stage_min_runs is None else {"stage_min_runs": args.stage_min_runs}),
+    )
     topic = kv_event_topic(worker_id, epoch, loaded.source.name)
     publisher = KVEventPublisher(
         f"tcp://{args.host}:{args.kv_events_port}",

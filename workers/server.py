@@ -154,6 +154,8 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
             num_blocks=meta.num_blocks,
             memory_type=meta.memory_type,
             device_id=meta.device_id,
+            staging_address=meta.staging_address,
+            staging_slots=meta.staging_slots,
             model=pairing.model,
             block_size=pairing.block_size,
             kv_dtype=pairing.kv_dtype,

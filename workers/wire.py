@@ -78,6 +78,7 @@ def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
         num_tokens=handle.num_tokens,
         lease_deadline_unix=handle.lease_deadline,
         mode=_MODE_TO_PROTO[handle.mode],
+        staging_offset=handle.staging_offset,
     )
 
 
@@ -94,6 +95,7 @@ def handle_from_proto(message: pb.KVHandle) -> KVHandle:
         num_tokens=message.num_tokens,
         lease_deadline=message.lease_deadline_unix,
         mode=_MODE_FROM_PROTO.get(message.mode, TransferMode.READ),
+        staging_offset=message.staging_offset if message.HasField("staging_offset") else None,
     )
 
 

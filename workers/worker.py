@@ -162,7 +162,14 @@ class Worker:
     def _grant_lease(self, output: RequestOutput) -> None:
         assert output.held_kv is not None
         held = output.held_kv
-        self._granted[output.request_id] = self.leases.grant(output.request_id, held.block_ids, held.num_tokens)
+        staged_at = self.transfer.stage(held.block_ids)
+        self._granted[output.request_id] = self.leases.grant(output.request_id, held.block_ids, held.num_tokens, staged_at)
+
+    def _end_lease(self, handle: KVHandle) -> None:
+        """Give back what a lease pinned: its blocks (to the prefix cache) and its staging slots."""
+        self.engine.release_blocks(handle.block_ids)
+        if handle.staging_offset is not None:
+            self.transfer.unstage(handle.staging_offset, len(handle.block_ids))
 
     # -- Generate -----------------------------------------------------------------------------
 
@@ -228,11 +235,13 @@ class Worker:
             raise
         remote = handle.block_ids[reservation.num_cached_blocks :]
         local = reservation.blocks_to_fill
+        staged_at = None if handle.staging_offset is None else handle.staging_offset + reservation.num_cached_blocks
         read = asyncio.get_running_loop().run_in_executor(
             self._executor,
             partial(
                 self.transfer.read_blocks, handle.worker_id, handle.epoch, remote, local,
                 deadline=deadline, notification=ACK_PREFIX + handle.handle_id.encode(), tag=request_id,
+                remote_staged_at=staged_at,
             ),
         ) if local else None
         try:
@@ -278,6 +287,7 @@ class Worker:
                 agent_metadata=meta.agent_metadata, base_address=meta.base_address,
                 bytes_per_block=meta.bytes_per_block, num_blocks=meta.num_blocks,
                 memory_type=meta.memory_type, device_id=meta.device_id,
+                staging_address=meta.staging_address, staging_slots=meta.staging_slots,
             )
         )
 
@@ -312,10 +322,10 @@ class Worker:
 
     def _release_on_engine(self, handle: KVHandle) -> bool:
         self.leases.check(handle.worker_id, handle.epoch)
-        block_ids = self.leases.end(handle.handle_id)
-        if block_ids is None:
+        ended = self.leases.end(handle.handle_id)
+        if ended is None:
             return False
-        self.engine.release_blocks(block_ids)
+        self._end_lease(ended)
         return True
 
     async def abort(self, request_id: str) -> bool:
@@ -328,9 +338,9 @@ class Worker:
         found = self.engine.abort(request_id)
         self._granted.pop(request_id, None)
         for handle_id in self.leases.handles_of_request(request_id):
-            block_ids = self.leases.end(handle_id)
-            if block_ids is not None:
-                self.engine.release_blocks(block_ids)
+            ended = self.leases.end(handle_id)
+            if ended is not None:
+                self._end_lease(ended)
                 found = True
         return found
 
@@ -379,16 +389,16 @@ class Worker:
     # -- housekeeping hooks, on the engine thread ----------------------------------------------
 
     def _expire_leases(self) -> None:
-        for block_ids in self.leases.expire():
-            logger.warning("a KV lease of %d blocks expired unacknowledged; blocks released", len(block_ids))
-            self.engine.release_blocks(block_ids)
+        for handle in self.leases.expire():
+            logger.warning("KV lease %s (%d blocks) expired unacknowledged; blocks released", handle.handle_id, len(handle.block_ids))
+            self._end_lease(handle)
 
     def _take_acknowledgements(self) -> None:
         for _agent, message in self.transfer.poll_notifications():
             if message.startswith(ACK_PREFIX):
-                block_ids = self.leases.acknowledge(message[len(ACK_PREFIX) :].decode())
-                if block_ids is not None:
-                    self.engine.release_blocks(block_ids)
+                handle = self.leases.acknowledge(message[len(ACK_PREFIX) :].decode())
+                if handle is not None:
+                    self._end_lease(handle)
 
     def _reap_abandoned(self) -> None:
         if not self._quarantined:

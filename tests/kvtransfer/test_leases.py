@@ -35,9 +35,9 @@ def test_a_handle_names_its_worker_epoch_blocks_and_deadline(table: LeaseTable) 
 def test_acknowledge_and_release_end_a_lease_once(table: LeaseTable) -> None:
     first = table.grant("req-1", (4, 5), 20)
     second = table.grant("req-2", (6,), 5)
-    assert table.acknowledge(first.handle_id) == (4, 5)
+    assert table.acknowledge(first.handle_id) == first
     assert table.acknowledge(first.handle_id) is None  # a duplicate notification
-    assert table.end(second.handle_id) == (6,)
+    assert table.end(second.handle_id) == second
     assert table.end(second.handle_id) is None  # already ended: not an error
     assert table.num_acknowledged == 1 and table.num_active == 0 and table.num_pinned_blocks == 0
 
@@ -54,11 +54,11 @@ def test_expiry_returns_the_blocks_of_every_lease_past_its_deadline(table: Lease
     late = table.grant("req-2", (3,), 5)
     assert table.expire() == []
     clock.now += 10
-    assert table.expire() == [(1, 2)]
+    assert table.expire() == [early]
     assert table.num_expired == 1 and table.num_active == 1
     assert table.end(early.handle_id) is None  # a late release of an expired lease is harmless
     clock.now += 30
-    assert table.expire() == [(3,)] and table.num_expired == 2
+    assert table.expire() == [late] and table.num_expired == 2
     assert table.end(late.handle_id) is None
 
 

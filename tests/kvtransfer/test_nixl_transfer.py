@@ -286,3 +286,32 @@ def test_rejects_non_contiguous_cache() -> None:
 def test_owner_queue_has_no_stray_notifications(owner: Owner) -> None:
     with pytest.raises(queue.Empty):
         owner.next_notification(timeout=0.2)
+
+
+def test_scattered_blocks_move_through_staging_with_one_descriptor() -> None:
+    """Owner and reader in one process (staging logic, not IPC, is under test here)."""
+    owner = TransferEngine("stage-owner", owner_cache(3), worker_id="stage-owner", epoch=1, staging_blocks=16)
+    reader_cache = allocate_kv_cache(SPEC, NUM_BLOCKS, CPU)
+    reader = TransferEngine("stage-reader", reader_cache, worker_id="stage-reader", epoch=1, staging_blocks=16)
+    try:
+        reader.add_peer(owner.metadata())
+        remote = [30, 2, 17, 5, 11, 23, 8, 14, 27, 0]  # ten runs: worth staging
+        local = [1, 9, 20, 4, 31, 13, 6, 25, 18, 3]
+        assert owner.stage(remote[:3]) is None  # three runs: cheaper as three descriptors
+        slot = owner.stage(remote)
+        assert slot is not None
+        stats = reader.read_blocks("stage-owner", 1, remote, local, deadline=time.monotonic() + 10, remote_staged_at=slot)
+        assert stats.num_descriptors == 1 and stats.num_blocks == len(remote)
+        expected = owner_cache(3)
+        for r, l in zip(remote, local):
+            assert torch.equal(reader_cache[l], expected[r])
+        untouched = sorted(set(range(NUM_BLOCKS)) - set(local))
+        assert not reader_cache[untouched].any()
+        assert reader._arena.num_free_slots == 16  # the reader's own staging slots came back
+        owner.unstage(slot, len(remote))
+        assert owner._arena.num_free_slots == 16
+        with pytest.raises(ValueError, match="staging slots"):
+            reader.read_blocks("stage-owner", 1, remote, local, deadline=time.monotonic() + 10, remote_staged_at=10)
+    finally:
+        reader.close()
+        owner.close()

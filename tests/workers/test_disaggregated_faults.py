@@ -57,11 +57,16 @@ def worker_args(model_dir, block_size: int = BLOCK_SIZE) -> list[str]:
             "--kv-cache-bytes", str(NUM_BLOCKS * kv_bytes_per_block(block_size)), "--lease-seconds", str(LEASE_SECONDS)]
 
 
+# This pair stages every handle (the GPU path for scattered blocks); the SmolLM2 pair of
+# test_disaggregated.py reads blocks where they are.
+STAGING = ["--staging-blocks", "32", "--stage-min-runs", "0"]
+
+
 @pytest.fixture(scope="module")
 def pair(start_worker, tiny_llama):
     model_dir, _ = tiny_llama
-    context = start_worker("context", *worker_args(model_dir))
-    generation = start_worker("generation", *worker_args(model_dir), "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
+    context = start_worker("context", *worker_args(model_dir), *STAGING)
+    generation = start_worker("generation", *worker_args(model_dir), *STAGING, "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
     return context, generation
 
 
@@ -119,6 +124,24 @@ def test_greedy_tokens_equal_transformers_and_blocks_return(pair, tiny_llama) ->
         assert run_disaggregated(pair, f"greedy-{name}", prompt_ids) == expected_tokens(hf_model, prompt_ids), name
     assert pool_full(generation)
     wait_for(lambda: pool_full(context) and context.stats().num_leases == 0, 5.0, "the READs' notifications to end the leases")
+
+
+def test_shared_prefix_reads_only_the_missing_staged_blocks(pair, tiny_llama) -> None:
+    context, generation = pair
+    _, hf_model = tiny_llama
+    prefix = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]  # two full blocks and a part
+    run_disaggregated(pair, "prefix-a", prefix)
+    longer = prefix + [46, 26, 43, 38, 32, 79, 50]
+    reply = prefill(context, "prefix-b", longer)
+    assert reply.kv_handle.HasField("staging_offset")
+    request = pb.GenerateRequest(request_id="prefix-b", prompt_token_ids=longer, params=greedy(),
+                                 kv_handle=reply.kv_handle, first_token_id=reply.first_token_id)
+    chunks = list(generation.stub.Generate(request, timeout=30))
+    assert chunks[0].transfer.num_cached_blocks == 2
+    assert chunks[0].transfer.num_blocks == len(reply.kv_handle.block_ids) - 2
+    tokens = [reply.first_token_id] + [t for c in chunks for t in c.token_ids]
+    assert tokens == expected_tokens(hf_model, longer)
+    wait_for(lambda: pool_full(context) and context.stats().num_leases == 0, 5.0, "the lease to end")
 
 
 @pytest.mark.parametrize("prompt_name", ["short", "long"])  # one block on either side; more blocks on one
