@@ -13,12 +13,16 @@ Life cycle::
 Descriptors. A READ costs about 6 us per descriptor on GPUs (shared/gpu/README.md: 4096 x 64 KiB
 blocks reach 8-11 GB/s against 380 GB/s for one 256 MiB region), so ``read_blocks`` coalesces
 pairs whose remote AND local ids are both consecutive into one descriptor (``coalesce_runs``).
-Scattered blocks still cost one descriptor each; the next step, when measurements call for it,
-is to pack them on the owner into a staging buffer (``index_select``, 0.19 ms for 4096 x 64 KiB
-on an H100), READ that with one descriptor and unpack locally (``index_copy_``). Not built yet:
-on CPU (UCX picks cma, process_vm_readv) descriptors are cheap next to the copy itself
-(scripts/bench_transfer.py: 4096 scattered 360 KiB blocks at 66-100% of the one-descriptor rate,
-about 2 GB/s, noisy), and packing would add two memory copies there; on GPUs it will pay.
+Blocks scattered over many runs go through staging slots (kvtransfer/staging.py): the owner
+gathers them with ``stage`` when it makes the handle, the reader READs one descriptor (into its
+own slots, then scatters, when its blocks are scattered too). Workers turn staging on by default
+on GPUs only: on the CPU (UCX picks cma, process_vm_readv) a descriptor is cheap next to the copy
+itself and staging would add two memory copies.
+
+Progress. NIXL's own progress thread polls UCX without pause (``pthrDelay`` 0): a whole core per
+worker, even idle. It is off; our thread drives UCX through ``get_new_notifs`` every
+``PROGRESS_INTERVAL_S`` instead (a peer's connection and its notifications need the owner to
+progress; a READ's data does not), and ``read_blocks`` progresses its own transfer while it waits.
 
 Thread safety. The agent is created with ``NIXL_THREAD_SYNC_RW``: the C++ agent then guards its
 own tables with a shared lock for post / status / release / notifications (so transfers on
@@ -26,7 +30,7 @@ different handles run concurrently) and an exclusive one for loading or dropping
 UCX backend runs its workers in multi-thread mode. (The default, ``NIXL_THREAD_SYNC_NONE``
 without a listener thread, has no lock at all in the agent: concurrent calls would race.) The
 Python wrapper's own state is read-only after start, and each read uses its own handle. A
-``threading.Lock`` here guards only our tables (peers, abandoned handles); it is never held
+``threading.Lock`` here guards only our tables (peers, abandoned handles, notifications); it is never held
 during a post, a poll or a sleep. This matters on CPU: UCX copies over cma (process_vm_readv)
 inside the post call itself (about 0.1 s for 256 MiB, with the GIL released), so a lock around
 agent calls would serialize every reader and stall ``poll_notifications``. The same fact means
@@ -52,6 +56,7 @@ from tandem.kvtransfer.staging import StagingArena
 # Stage when a block list has more runs than this: on GPUs a descriptor costs ~6 us, a staging
 # copy of a few MiB about 10-20 us of launches and HBM traffic (shared/gpu/README.md).
 STAGE_MIN_RUNS = 8
+PROGRESS_INTERVAL_S = 2e-3
 _SPIN_S = 200e-6  # poll without sleeping this long: a sleep costs ~60 us more than asked
 _MIN_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
@@ -131,10 +136,19 @@ def _num_runs(ids: Sequence[int]) -> int:
     return sum(1 for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1] + 1)
 
 
-def _synchronize(tensor: torch.Tensor) -> None:
-    """NIXL copies on its own CUDA streams: wait for our kernels on this tensor's device to land."""
-    if tensor.is_cuda:
-        torch.cuda.current_stream(tensor.device).synchronize()
+def _copy_rows(dst: torch.Tensor, dst_rows: Sequence[int], src: torch.Tensor, src_rows: Sequence[int]) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for byte rows of one block each, landed when it returns
+    (NIXL copies on its own CUDA streams). On GPUs one gather and one scatter kernel; on the CPU a
+    loop of row memcpys, because torch's CPU index_select/index_copy_ crawl over such long rows
+    (20-50 ms for one 360 KiB row)."""
+    if dst.is_cuda:
+        device = dst.device
+        gathered = src.index_select(0, torch.tensor(list(src_rows), dtype=torch.long, device=device))
+        dst.index_copy_(0, torch.tensor(list(dst_rows), dtype=torch.long, device=device), gathered)
+        torch.cuda.current_stream(device).synchronize()
+        return
+    for d, s in zip(dst_rows, src_rows):
+        dst[d].copy_(src[s])
 
 
 def _check_ids(ids: Sequence[int], num_blocks: int, side: str) -> list[int]:
@@ -171,6 +185,8 @@ class TransferEngine:
         self._abandoned: list[tuple[str, object, tuple[int, int] | None]] = []
         self._tags = itertools.count()
         self._closed = False
+        self._notifications: list[tuple[str, bytes]] = []
+        self._stop_progress = threading.Event()
         self.worker_id, self.epoch = worker_id, epoch
         self.memory_type = "VRAM" if kv_cache.is_cuda else "DRAM"
         self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
@@ -178,14 +194,14 @@ class TransferEngine:
         self.bytes_per_block = kv_cache[0].numel() * kv_cache.element_size()
         rw = nixl_thread_sync_t.NIXL_THREAD_SYNC_RW
         if num_threads > 0:
-            self._agent = nixl_agent(agent_name, nixl_agent_config(backends=[], sync_mode=rw))
+            self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=[], sync_mode=rw))
             self._agent.create_backend("UCX", {"num_threads": str(num_threads)})
         else:
-            self._agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"], sync_mode=rw))
+            self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=rw))
         if "UCX" not in self._agent.backends:
             raise RuntimeError("NIXL UCX backend is not available")
-        # Every block as a row of bytes: what staging gathers from and scatters into.
-        self._block_bytes = kv_cache.view(torch.uint8).view(self.num_blocks, self.bytes_per_block)
+        # Every block as one row of bytes: what staging gathers from and scatters into.
+        self._block_rows = kv_cache.view(torch.uint8).view(self.num_blocks, self.bytes_per_block)
         self.stage_min_runs = stage_min_runs
         self._arena = StagingArena(staging_blocks, self.bytes_per_block, kv_cache.device) if staging_blocks > 0 else None
         regions = [(kv_cache.data_ptr(), self.num_blocks * self.bytes_per_block, self.device_id, "")]
@@ -200,6 +216,8 @@ class TransferEngine:
             staging_address=self._arena.buffer.data_ptr() if self._arena else 0,
             staging_slots=self._arena.num_slots if self._arena else 0,
         )
+        self._progress_thread = threading.Thread(target=self._progress, name=f"nixl-progress-{agent_name}", daemon=True)
+        self._progress_thread.start()
 
     def metadata(self) -> PeerMetadata:
         return self._metadata
@@ -259,9 +277,7 @@ class TransferEngine:
         slot = self._arena.allocate(len(block_ids))
         if slot is None:
             return None
-        index = torch.tensor(list(block_ids), dtype=torch.long, device=self._block_bytes.device)
-        torch.index_select(self._block_bytes, 0, index, out=self._arena.buffer[slot : slot + len(block_ids)])
-        _synchronize(self._block_bytes)  # a peer may READ the slots as soon as the handle is out
+        _copy_rows(self._arena.buffer[slot : slot + len(block_ids)], range(len(block_ids)), self._block_rows, block_ids)  # a peer may READ the slots as soon as the handle is out
         return slot
 
     def unstage(self, slot: int, count: int) -> None:
@@ -308,9 +324,7 @@ class TransferEngine:
                 error.local_blocks_reusable = True  # a late write lands in staging slots, not in the blocks
             raise
         if local_slot is not None:
-            index = torch.tensor(local_ids, dtype=torch.long, device=self._block_bytes.device)
-            self._block_bytes.index_copy_(0, index, self._arena.buffer[local_slot : local_slot + count])
-            _synchronize(self._block_bytes)
+            _copy_rows(self._block_rows, local_ids, self._arena.buffer[local_slot : local_slot + count], range(count))
             self._arena.free(local_slot, count)
         return TransferStats(count, num_descriptors, count * self.bytes_per_block, time.perf_counter() - start)
 
@@ -382,8 +396,21 @@ class TransferEngine:
     def poll_notifications(self) -> list[tuple[str, bytes]]:
         """(peer agent name, message) for each READ of our blocks that finished since the last poll."""
         self._check_open()
-        notifs = self._agent.get_new_notifs()
-        return [(name, msg) for name, msgs in notifs.items() for msg in msgs]
+        with self._lock:
+            notifications, self._notifications = self._notifications, []
+        return notifications
+
+    def _progress(self) -> None:
+        """Our progress thread (see the module docstring): drive UCX every PROGRESS_INTERVAL_S,
+        so that peers can connect and notify while the owner's engine is busy with a long step."""
+        while not self._stop_progress.wait(PROGRESS_INTERVAL_S):
+            try:
+                notifs = self._agent.get_new_notifs()
+            except Exception:  # closing under us; the loop ends at the next wait
+                continue
+            if notifs:
+                with self._lock:
+                    self._notifications.extend((name, msg) for name, msgs in notifs.items() for msg in msgs)
 
     def close(self) -> None:
         """Drop peers, release abandoned transfers where possible, deregister memory. Idempotent."""
@@ -391,6 +418,9 @@ class TransferEngine:
             if self._closed:
                 return
             self._closed = True
+            self._stop_progress.set()
+        self._progress_thread.join(timeout=1.0)
+        with self._lock:
             for _tag, handle, _staging_run in self._abandoned:
                 try:
                     self._agent.release_xfer_handle(handle)
@@ -401,7 +431,7 @@ class TransferEngine:
                 self._drop_remote(peer.remote_name)
             self._peers.clear()
             self._agent.deregister_memory(self._registration)
-            self._agent = None  # the C++ agent (UCX workers, progress thread) goes with the last reference
+            self._agent = None  # the C++ agent (UCX workers) goes with the last reference
 
     def _check_open(self) -> None:
         if self._closed:

@@ -53,15 +53,24 @@ def check_blocks(kv_cache: torch.Tensor, local_ids: list[int], remote_ids: list[
         raise SystemExit(f"checksum mismatch after reading {len(local_ids)} blocks")
 
 
-def serve_owner(spec: KVCacheSpec, num_blocks: int, device: str, out: mp.Queue, stop: mp.Event, num_threads: int) -> None:
+def serve_owner(spec: KVCacheSpec, num_blocks: int, device: str, out: mp.Queue, commands, num_threads: int) -> None:
+    """The block owner: holds the cache and, on request, stages blocks (timed here) or unstages them."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     kv_cache = allocate_kv_cache(spec, num_blocks, torch.device(device))
     fill_blocks(kv_cache)
     _sync(kv_cache)  # NIXL copies on its own streams: the fill must have landed first
-    engine = TransferEngine("bench-owner", kv_cache, worker_id="owner", epoch=1, num_threads=num_threads)
+    engine = TransferEngine("bench-owner", kv_cache, worker_id="owner", epoch=1, num_threads=num_threads,
+                            staging_blocks=num_blocks, stage_min_runs=0)
     out.put(engine.metadata())
-    stop.wait()
+    while (command := commands.recv()) is not None:
+        op, block_ids = command
+        if op == "stage":
+            seconds = median_seconds(lambda: engine.unstage(engine.stage(block_ids), len(block_ids)), 5)
+            commands.send((engine.stage(block_ids), seconds))
+        else:
+            engine.unstage(*block_ids)
+            commands.send(None)
     engine.close()
 
 
@@ -121,29 +130,31 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     if dst.type == "cuda":
         torch.cuda.set_device(dst)
     ctx = mp.get_context("spawn")
-    out, stop = ctx.Queue(), ctx.Event()
-    owner = ctx.Process(target=serve_owner, args=(spec, num_blocks, src, out, stop, args.num_threads), daemon=True)
+    out = ctx.Queue()
+    commands, owner_commands = ctx.Pipe()
+    owner = ctx.Process(target=serve_owner, args=(spec, num_blocks, src, out, owner_commands, args.num_threads), daemon=True)
     owner.start()
     try:
         kv_cache = allocate_kv_cache(spec, num_blocks, dst)
         peer = out.get(timeout=300)
-        engine = TransferEngine("bench-reader", kv_cache, worker_id="reader", epoch=1, num_threads=args.num_threads)
+        engine = TransferEngine("bench-reader", kv_cache, worker_id="reader", epoch=1, num_threads=args.num_threads,
+                                staging_blocks=num_blocks, stage_min_runs=0)
         engine.add_peer(peer)
         raw = RawReader(kv_cache, peer, args.num_threads)
-        rows = [measure(n, engine, raw, kv_cache, args) for n in SIZES if n <= num_blocks]
+        rows = [measure(n, engine, raw, kv_cache, commands, args) for n in SIZES if n <= num_blocks]
         engine.close()
     finally:
-        stop.set()
+        commands.send(None)
         owner.join(timeout=30)
         if owner.is_alive():
             owner.kill()
     config = {"device": args.device, "dtype": args.dtype, "bytes_per_block": spec.bytes_per_block,
               "cache_blocks": num_blocks, "num_threads": args.num_threads, "repeats": args.repeats,
               "torch": torch.__version__, "host": platform.node()}
-    return [r for pair in rows for r in pair], config
+    return [r for size_rows in rows for r in size_rows], config
 
 
-def measure(n: int, engine: TransferEngine, raw: RawReader, kv_cache: torch.Tensor, args) -> list[dict]:
+def measure(n: int, engine: TransferEngine, raw: RawReader, kv_cache: torch.Tensor, commands, args) -> list[dict]:
     rng = np.random.default_rng(n)
     nbytes = n * engine.bytes_per_block
     ceiling = nbytes / median_seconds(lambda: raw.read(nbytes), args.repeats) / 1e9
@@ -158,11 +169,29 @@ def measure(n: int, engine: TransferEngine, raw: RawReader, kv_cache: torch.Tens
         stats = engine.read_blocks("owner", 1, remote, local, deadline=time.monotonic() + 60)
         check_blocks(kv_cache, local, remote)
         seconds = median_seconds(lambda: engine.read_blocks("owner", 1, remote, local, deadline=time.monotonic() + 60), args.repeats)
-        gbps = nbytes / seconds / 1e9
-        rows.append({"blocks": n, "bytes": nbytes, "ids": name, "descriptors": stats.num_descriptors,
-                     "gbps_layout": round(gbps, 3), "gbps_ceiling": round(ceiling, 3),
-                     "pct_of_ceiling": round(100 * gbps / ceiling, 1)})
+        rows.append(row(n, nbytes, name, stats.num_descriptors, seconds, ceiling))
+    # Scattered again, through staging: the owner gathers (timed in its process), we READ one
+    # descriptor into our staging slots and scatter; the sum is what a hand-off costs.
+    remote, local = layouts["scattered"]
+    commands.send(("stage", remote))
+    slot, stage_seconds = commands.recv()
+    kv_cache.view(kv_cache.shape[0], -1)[local] = 0
+    _sync(kv_cache)
+    stats = engine.read_blocks("owner", 1, remote, local, deadline=time.monotonic() + 60, remote_staged_at=slot)
+    check_blocks(kv_cache, local, remote)
+    seconds = median_seconds(
+        lambda: engine.read_blocks("owner", 1, remote, local, deadline=time.monotonic() + 60, remote_staged_at=slot), args.repeats
+    )
+    commands.send(("unstage", (slot, n)))
+    commands.recv()
+    rows.append(row(n, nbytes, "scattered, staged", stats.num_descriptors, stage_seconds + seconds, ceiling))
     return rows
+
+
+def row(n: int, nbytes: int, ids: str, descriptors: int, seconds: float, ceiling: float) -> dict:
+    gbps = nbytes / seconds / 1e9
+    return {"blocks": n, "bytes": nbytes, "ids": ids, "descriptors": descriptors, "gbps_layout": round(gbps, 3),
+            "gbps_ceiling": round(ceiling, 3), "pct_of_ceiling": round(100 * gbps / ceiling, 1)}
 
 
 def main() -> None:

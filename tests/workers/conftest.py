@@ -81,7 +81,10 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWork
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # several workers share two cores
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env)
-        ready = _read_ready_line(process, READY_TIMEOUT_S)
+        try:
+            ready = _read_ready_line(process, READY_TIMEOUT_S)
+        except BaseException:
+            ready = None
         if ready is None:
             process.kill()
             process.wait()
