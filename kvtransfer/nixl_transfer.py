@@ -48,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
@@ -57,6 +58,7 @@ from tandem.kvtransfer.staging import StagingArena
 # copy of a few MiB about 10-20 us of launches and HBM traffic (shared/gpu/README.md).
 STAGE_MIN_RUNS = 8
 PROGRESS_INTERVAL_S = 2e-3
+_NUMPY_FROM = 256
 _SPIN_S = 200e-6  # poll without sleeping this long: a sleep costs ~60 us more than asked
 _MIN_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
@@ -116,11 +118,18 @@ def coalesce_runs(remote_ids: Sequence[int], local_ids: Sequence[int]) -> list[t
     """(remote_start, local_start, length) runs where both ids step by one.
 
     Pairs are sorted by remote id first (the order of pairs does not matter to a transfer), so
-    ``remote [5, 4] -> local [1, 0]`` is one run ``(4, 0, 2)``. Plain Python: a request moves
-    tens to thousands of blocks, where numpy's per-call overhead costs more than the loop.
+    ``remote [5, 4] -> local [1, 0]`` is one run ``(4, 0, 2)``. A Python loop for short lists,
+    numpy from ``_NUMPY_FROM`` ids on: each is the faster there (a few us against ~1 ms at 4096).
     """
     if len(remote_ids) != len(local_ids):
         raise ValueError(f"{len(remote_ids)} remote ids but {len(local_ids)} local ids")
+    if len(remote_ids) >= _NUMPY_FROM:
+        remote, local = np.asarray(remote_ids, dtype=np.int64), np.asarray(local_ids, dtype=np.int64)
+        order = np.argsort(remote, kind="stable")
+        remote, local = remote[order], local[order]
+        starts = np.flatnonzero(np.concatenate(([True], (np.diff(remote) != 1) | (np.diff(local) != 1))))
+        lengths = np.diff(np.append(starts, len(remote)))
+        return list(zip(remote[starts].tolist(), local[starts].tolist(), lengths.tolist()))
     runs: list[list[int]] = []
     for remote, local in sorted(zip(remote_ids, local_ids)):
         last = runs[-1] if runs else None
@@ -136,19 +145,32 @@ def _num_runs(ids: Sequence[int]) -> int:
     return sum(1 for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1] + 1)
 
 
-def _copy_rows(dst: torch.Tensor, dst_rows: Sequence[int], src: torch.Tensor, src_rows: Sequence[int]) -> None:
-    """dst[dst_rows[i]] = src[src_rows[i]] for byte rows of one block each, landed when it returns
-    (NIXL copies on its own CUDA streams). On GPUs one gather and one scatter kernel; on the CPU a
-    loop of row memcpys, because torch's CPU index_select/index_copy_ crawl over such long rows
-    (20-50 ms for one 360 KiB row)."""
-    if dst.is_cuda:
-        device = dst.device
-        gathered = src.index_select(0, torch.tensor(list(src_rows), dtype=torch.long, device=device))
-        dst.index_copy_(0, torch.tensor(list(dst_rows), dtype=torch.long, device=device), gathered)
-        torch.cuda.current_stream(device).synchronize()
-        return
-    for d, s in zip(dst_rows, src_rows):
-        dst[d].copy_(src[s])
+def _gather(slots: torch.Tensor, rows: torch.Tensor, block_ids: Sequence[int]) -> None:
+    """slots[i] = rows[block_ids[i]], landed when it returns (NIXL copies on its own CUDA streams)."""
+    if rows.is_cuda:
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=rows.device)
+        torch.index_select(_words(rows), 0, index, out=_words(slots))
+        torch.cuda.current_stream(rows.device).synchronize()
+    else:  # torch's CPU index_select crawls over rows this long (ms for one 360 KiB row)
+        for slot, block_id in enumerate(block_ids):
+            slots[slot].copy_(rows[block_id])
+
+
+def _scatter(rows: torch.Tensor, block_ids: Sequence[int], slots: torch.Tensor) -> None:
+    """rows[block_ids[i]] = slots[i], landed when it returns."""
+    if rows.is_cuda:
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=rows.device)
+        _words(rows).index_copy_(0, index, _words(slots))
+        torch.cuda.current_stream(rows.device).synchronize()
+    else:
+        for slot, block_id in enumerate(block_ids):
+            rows[block_id].copy_(slots[slot])
+
+
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """Byte rows as 8-byte words where the size allows: GPU gather kernels move elements, and
+    eight times fewer of them is that much faster."""
+    return rows.view(torch.int64) if rows.shape[-1] % 8 == 0 else rows
 
 
 def _check_ids(ids: Sequence[int], num_blocks: int, side: str) -> list[int]:
@@ -277,7 +299,7 @@ class TransferEngine:
         slot = self._arena.allocate(len(block_ids))
         if slot is None:
             return None
-        _copy_rows(self._arena.buffer[slot : slot + len(block_ids)], range(len(block_ids)), self._block_rows, block_ids)  # a peer may READ the slots as soon as the handle is out
+        _gather(self._arena.buffer[slot : slot + len(block_ids)], self._block_rows, block_ids)
         return slot
 
     def unstage(self, slot: int, count: int) -> None:
@@ -324,7 +346,7 @@ class TransferEngine:
                 error.local_blocks_reusable = True  # a late write lands in staging slots, not in the blocks
             raise
         if local_slot is not None:
-            _copy_rows(self._block_rows, local_ids, self._arena.buffer[local_slot : local_slot + count], range(count))
+            _scatter(self._block_rows, local_ids, self._arena.buffer[local_slot : local_slot + count])
             self._arena.free(local_slot, count)
         return TransferStats(count, num_descriptors, count * self.bytes_per_block, time.perf_counter() - start)
 

@@ -315,3 +315,15 @@ def test_scattered_blocks_move_through_staging_with_one_descriptor() -> None:
     finally:
         reader.close()
         owner.close()
+
+
+@pytest.mark.parametrize("count", [40, 600])  # below and above the switch to numpy
+def test_coalesced_runs_cover_every_pair_once_and_are_maximal(count: int) -> None:
+    gen = torch.Generator().manual_seed(count)
+    remote = torch.randperm(2 * count, generator=gen)[:count].tolist()
+    local = list(range(count))  # runs only where the remote ids happen to be adjacent too
+    runs = coalesce_runs(remote, local)
+    pairs = {(r + i, l + i) for r, l, n in runs for i in range(n)}
+    assert pairs == set(zip(remote, local)) and sum(n for _, _, n in runs) == count
+    ends = {(r + n, l + n) for r, l, n in runs}
+    assert not ends & {(r, l) for r, l, _ in runs}  # no run continues another: maximal
