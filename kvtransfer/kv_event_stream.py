@@ -1,0 +1,397 @@
+"""One worker's KV-event stream in the vLLM KV-events wire format, so that Dynamo, llm-d and
+Tandem's own block index read a worker exactly as they read a vLLM engine.
+
+Owns the wire codec and both socket ends. PUB frames ``[topic, seq u64 BE from 0, payload]``;
+payload = msgpack ``[ts, [event, ...], data_parallel_rank]`` (always 3 elements: Dynamo rejects 2);
+events as tagged maps (vLLM >= #42892, default) or tagged arrays (legacy readers); an optional
+ROUTER replays the last ``buffer_size`` batches. Publisher life cycle: the constructor binds or
+connects and starts one thread that owns the sockets; the engine thread calls ``sink`` per event
+and ``flush`` per step; ``close`` flushes, stops the thread, releases the sockets.
+"""
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import msgpack
+import zmq
+
+from tandem.kvtransfer.block_hash import BlockHash
+from tandem.kvtransfer.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+logger = logging.getLogger(__name__)
+
+Encoding: TypeAlias = Literal["map", "array"]
+
+_END_SEQ = (-1).to_bytes(8, "big", signed=True)  # replay terminator
+_POLL_MS = 100  # the publisher thread rechecks for close() at least this often
+_PUB_LINGER_MS = 200  # bounded: lets the last queued batches reach connected subscribers
+_PUB_HWM = 100_000  # as vLLM; a subscriber that lags further recovers through replay
+# vLLM's field order: the array form's positions after the tag, and the map keys we send.
+_STORED = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name")
+_FIELDS = {"BlockStored": _STORED, "BlockRemoved": ("block_hashes", "medium"), "AllBlocksCleared": ()}
+
+
+class KVEventDecodeError(ValueError):
+    """A payload or frame that is not a valid vLLM KV-event batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """One decoded payload. Wire-only fields (medium, lora_name) are not kept."""
+
+    ts: float
+    events: tuple[KVEvent, ...]
+    data_parallel_rank: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedBatch:
+    topic: str
+    seq: int
+    batch: EventBatch
+
+
+def kv_event_topic(worker_id: str, epoch: int, model_name: str) -> str:
+    """``kv@<worker>#<epoch>@<model>``: llm-d's ``kv@`` prefix; the epoch lets a reader drop a dead
+    incarnation's stream (whose seq restarts at 0) instead of treating it as duplicates."""
+    if not worker_id or "@" in worker_id or "#" in worker_id or epoch < 0 or not model_name:
+        raise ValueError(f"bad topic parts (no '@'/'#' in the id): {worker_id!r}, {epoch}, {model_name!r}")
+    return f"kv@{worker_id}#{epoch}@{model_name}"
+
+
+def parse_kv_event_topic(topic: str) -> tuple[str, int, str]:
+    """(worker_id, epoch, model_name) of a topic built by :func:`kv_event_topic`."""
+    prefix, _, rest = topic.partition("@")
+    worker_id, _, tail = rest.partition("#")
+    epoch, _, model_name = tail.partition("@")
+    if prefix != "kv" or not worker_id or "@" in worker_id or not epoch.isdecimal() or not model_name:
+        raise ValueError(f"not a kv@<worker>#<epoch>@<model> topic: {topic!r}")
+    return worker_id, int(epoch), model_name
+
+
+def endpoint_binds(endpoint: str) -> bool:
+    """vLLM's rule (bind on ``*``, ``::``, ipc, inproc; else connect, e.g. into llm-d's central SUB),
+    plus ``0.0.0.0`` and port 0: neither can be connected to, so they can only mean bind."""
+    if endpoint.startswith(("ipc://", "inproc://")) or "*" in endpoint or "::" in endpoint:
+        return True
+    host, _, port = endpoint.rpartition(":")
+    return host.endswith("//0.0.0.0") or port == "0"
+
+
+def encode_event_batch(
+    ts: float, events: Sequence[KVEvent], *, medium: str | None, encoding: Encoding = "map",
+    data_parallel_rank: int | None = None,
+) -> bytes:
+    """msgpack of ``[ts, [event, ...], data_parallel_rank]``.
+
+    vLLM encodes with ``omit_defaults=True``, which drops only fields that *have* a default;
+    BlockStored's first seven fields and BlockRemoved's two have none, so vLLM always sends them,
+    None included, and so do we (a msgspec reader of vLLM's structs requires them). The optional
+    trailing fields (extra_keys, group_idx, kv_cache_spec_kind, ...) are omitted: Dynamo then
+    treats the blocks as main-attention group 0, which is what Tandem's pool holds.
+    """
+    wire: list[Any] = []
+    for event in events:
+        if isinstance(event, BlockStored):
+            values: tuple[Any, ...] = (event.block_hashes, event.parent_block_hash, event.token_ids,
+                                       event.block_size, None, medium, None)  # lora_id, lora_name: no LoRA
+        elif isinstance(event, BlockRemoved):
+            values = (event.block_hashes, medium)
+        elif isinstance(event, AllBlocksCleared):
+            values = ()
+        else:
+            raise TypeError(f"not a KV event: {event!r}")
+        tag = type(event).__name__
+        wire.append({"type": tag, **dict(zip(_FIELDS[tag], values))} if encoding == "map" else [tag, *values])
+    return msgpack.packb([float(ts), wire, data_parallel_rank])
+
+
+def decode_event_batch(payload: bytes) -> EventBatch:
+    """Inverse of :func:`encode_event_batch`; reads map and array events, and vLLM's older 2-element
+    batches and shorter array events. Hashes may be u64 or i64 (as Dynamo); unknown map keys are skipped."""
+    try:
+        raw = msgpack.unpackb(payload)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise KVEventDecodeError(f"payload is not msgpack: {e}") from e
+    if not isinstance(raw, list) or len(raw) not in (2, 3) or not isinstance(raw[1], list):
+        raise KVEventDecodeError(f"a batch is [ts, [events], dp_rank], got {raw!r:.120}")
+    ts, rank = raw[0], raw[2] if len(raw) == 3 else None
+    if not (_is_int(ts) or isinstance(ts, float)) or not (rank is None or _is_int(rank)):
+        raise KVEventDecodeError(f"need a number ts and an int or None rank, got {ts!r:.40}, {rank!r:.40}")
+    return EventBatch(float(ts), tuple(_decode_event(event) for event in raw[1]), rank)
+
+
+def _decode_event(raw: object) -> KVEvent:
+    tag = raw.get("type") if isinstance(raw, dict) else raw[0] if isinstance(raw, list) and raw else None
+    if not isinstance(tag, str) or tag not in _FIELDS:
+        raise KVEventDecodeError(f"an event is a map or array tagged with a known type, got {raw!r:.80}")
+    if tag == "AllBlocksCleared":
+        return AllBlocksCleared()
+    fields = raw if isinstance(raw, dict) else dict(zip(_FIELDS[tag], raw[1:]))  # type: ignore[index]
+    raw_hashes, tokens = fields.get("block_hashes"), fields.get("token_ids") if tag == "BlockStored" else []
+    if not isinstance(raw_hashes, list) or not all(map(_is_int, raw_hashes)) or not isinstance(tokens, list):
+        raise KVEventDecodeError(f"{tag} needs a list of int block_hashes (and token_ids), got {raw!r:.80}")
+    hashes = tuple(BlockHash(h % 2**64) for h in raw_hashes)  # an i64 (Dynamo reads both) to its u64
+    if tag == "BlockRemoved":
+        return BlockRemoved(hashes)
+    parent, size = fields.get("parent_block_hash"), fields.get("block_size")
+    if not (parent is None or _is_int(parent)) or not all(_is_int(t) and 0 <= t < 2**32 for t in tokens):
+        raise KVEventDecodeError(f"need an int or None parent_block_hash and uint32 token_ids: {raw!r:.80}")
+    if not _is_int(size) or size < 1 or len(tokens) != len(hashes) * size:
+        raise KVEventDecodeError(f"{len(tokens)} token_ids do not fill {len(hashes)} blocks of {size!r:.20}")
+    return BlockStored(hashes, None if parent is None else BlockHash(parent % 2**64), tuple(tokens), size)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # msgpack ints lie in [-2**63, 2**64)
+
+
+def _attach(socket: zmq.Socket, endpoint: str, bind: bool) -> str:
+    """Bind or connect; the endpoint as bound (the real port when port 0 was asked) or as given."""
+    if not bind:
+        socket.connect(endpoint)
+        return endpoint
+    socket.bind(endpoint)
+    return socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+class KVEventPublisher:
+    """PUB (+ optional ROUTER replay) for one worker. Thread-safe; a private thread owns the sockets."""
+
+    def __init__(
+        self, endpoint: str = "tcp://*:5557", replay_endpoint: str | None = None, topic: str = "", *,
+        medium: str | None = None, encoding: Encoding = "map", buffer_size: int = 10_000,
+        data_parallel_rank: int | None = None,
+    ) -> None:
+        if encoding not in ("map", "array") or buffer_size < 0:
+            raise ValueError(f"need encoding map|array and buffer_size >= 0, got {encoding!r}, {buffer_size}")
+        self._topic = topic.encode()
+        self._encode = functools.partial(encode_event_batch, medium=medium, encoding=encoding,
+                                         data_parallel_rank=data_parallel_rank)
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_size)  # (seq, payload) for replay
+        self._lock = threading.Lock()  # guards _pending, _outbox, _closed and _wake_tx
+        self._pending: list[KVEvent] = []
+        self._outbox: deque[tuple[float, tuple[KVEvent, ...]]] = deque()
+        self._closed = False
+        self._num_published = 0  # written by the thread only; it is also the next seq
+        self._ctx = zmq.Context()
+        try:
+            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub.setsockopt(zmq.SNDHWM, _PUB_HWM)
+            self._endpoint = _attach(self._pub, endpoint, endpoint_binds(endpoint))
+            self._replay: zmq.Socket | None = None
+            self._replay_endpoint: str | None = None
+            if replay_endpoint is not None:
+                self._replay = self._ctx.socket(zmq.ROUTER)
+                self._replay.setsockopt(zmq.SNDHWM, 0)  # never drop part of a reply; buffer_size bounds it
+                self._replay_endpoint = _attach(self._replay, replay_endpoint, bind=True)  # as vLLM
+            # A wake-up pipe: lets the thread sleep in one poll on both "batch queued" and "replay asked".
+            self._wake_rx = self._ctx.socket(zmq.PAIR)
+            self._wake_rx.bind("inproc://wake")
+            self._wake_tx = self._ctx.socket(zmq.PAIR)
+            self._wake_tx.connect("inproc://wake")
+        except zmq.ZMQError:
+            self._ctx.destroy(linger=0)
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"kv-events:{topic}", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        """The PUB endpoint, with the real port when bound."""
+        return self._endpoint
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        """The ROUTER endpoint with its real port, or None without replay."""
+        return self._replay_endpoint
+
+    @property
+    def num_published(self) -> int:
+        """Batches sent so far (the next batch's seq)."""
+        return self._num_published
+
+    def sink(self, event: KVEvent) -> None:
+        """The :data:`KVEventSink` for ``BlockPool.subscribe``: only queues. Dropped after close()."""
+        with self._lock:
+            if not self._closed:
+                self._pending.append(event)
+
+    def flush(self) -> None:
+        """Send the events sunk since the last flush as one batch (once per engine step); no-op if none."""
+        with self._lock:
+            if not self._closed and self._pending:
+                self._stage_pending()
+                self._wake()
+
+    def publish(self, events: Sequence[KVEvent]) -> None:
+        """Send ``events`` as one batch, after any pending sunk events so that order is kept."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("KVEventPublisher is closed")
+            self._stage_pending()
+            self._outbox.append((time.time(), tuple(events)))
+            self._wake()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush, let the thread send what is queued, release the sockets; returns within about
+        ``timeout`` + 0.2 s (the PUB's linger for subscribers still reading). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._stage_pending()
+            self._closed = True
+            self._wake()
+        self._thread.join(timeout)
+        self._wake_tx.close(linger=0)
+        if not self._thread.is_alive():
+            self._ctx.term()
+        else:  # not expected: no socket call in the thread blocks
+            logger.warning("KV-event publisher thread still running after %.1f s", timeout)
+
+    def _stage_pending(self) -> None:  # caller holds _lock
+        if self._pending:
+            self._outbox.append((time.time(), tuple(self._pending)))
+            self._pending.clear()
+
+    def _wake(self) -> None:  # caller holds _lock
+        with contextlib.suppress(zmq.Again):  # a full pipe holds wake-ups already
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_rx, zmq.POLLIN)
+        if self._replay is not None:
+            poller.register(self._replay, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll(_POLL_MS))
+                while self._wake_rx.poll(0):
+                    self._wake_rx.recv()
+                with self._lock:
+                    batches, stop = list(self._outbox), self._closed
+                    self._outbox.clear()
+                for ts, events in batches:
+                    self._send(ts, events)
+                if self._replay is not None and self._replay in ready:
+                    self._serve_replay(self._replay)
+                if stop:
+                    return
+        finally:
+            self._pub.close(linger=_PUB_LINGER_MS)
+            self._wake_rx.close(linger=0)
+            if self._replay is not None:
+                self._replay.close(linger=0)
+
+    def _send(self, ts: float, events: tuple[KVEvent, ...]) -> None:
+        try:
+            payload = self._encode(ts, events)
+        except (TypeError, ValueError, OverflowError):  # a bad event must not kill the stream
+            logger.exception("dropping an unencodable KV-event batch")
+            return
+        seq = self._num_published
+        self._buffer.append((seq, payload))
+        self._num_published = seq + 1  # before the send: whoever has seen seq sees it counted
+        self._pub.send_multipart([self._topic, seq.to_bytes(8, "big"), payload])
+
+    def _serve_replay(self, router: zmq.Socket) -> None:
+        while router.poll(0):
+            frames = router.recv_multipart()
+            if len(frames) != 3 or len(frames[2]) != 8:
+                logger.warning("ignoring a malformed replay request of %d frames", len(frames))
+                continue
+            identity, start = frames[0], int.from_bytes(frames[2], "big")
+            for seq, payload in self._buffer:
+                if seq >= start:
+                    router.send_multipart([identity, b"", seq.to_bytes(8, "big"), payload])
+            router.send_multipart([identity, b"", _END_SEQ, b""])
+
+
+class KVEventSubscriber:
+    """SUB (+ DEALER for replay) reading one publisher's batches in seq order, gaps filled by replay.
+    Seq is tracked per topic (a new epoch is a new topic, so its restart at 0 is no duplicate); a batch
+    older than the next expected seq is a live copy of a replayed one and is skipped."""
+
+    def __init__(
+        self, endpoint: str, replay_endpoint: str | None = None, topic: str = "", *,
+        replay_timeout: float = 1.0,
+    ) -> None:
+        self._ctx = zmq.Context()
+        try:
+            self._sub = self._ctx.socket(zmq.SUB)
+            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+            self._endpoint = _attach(self._sub, endpoint, endpoint_binds(endpoint))
+        except zmq.ZMQError:
+            self._ctx.destroy(linger=0)
+            raise
+        self._replay_endpoint = replay_endpoint
+        self._replay_timeout = replay_timeout
+        self._dealer: zmq.Socket | None = None
+        self._next_seq: dict[str, int] = {}
+        self._ready: deque[ReceivedBatch] = deque()
+        self.num_missed_batches = 0  # seqs neither received nor replayed (replay buffer too short)
+
+    @property
+    def endpoint(self) -> str:
+        """The SUB endpoint, with the real port when bound (publishers then connect to it)."""
+        return self._endpoint
+
+    def receive(self, timeout: float) -> ReceivedBatch | None:
+        """The next batch in seq order, or None if none came within ``timeout`` seconds (plus replay)."""
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            if not self._sub.poll(max(0, round((deadline - time.monotonic()) * 1000))):
+                return None
+            frames = self._sub.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                raise KVEventDecodeError(f"expected [topic, seq, payload] frames, got {len(frames)} frames")
+            self._accept(frames[0].decode(), int.from_bytes(frames[1], "big"), frames[2])
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)
+
+    def _accept(self, topic: str, seq: int, payload: bytes) -> None:
+        expected = self._next_seq.get(topic, 0)
+        if seq > expected and self._replay_endpoint is not None:
+            for replayed_seq, replayed in self._fetch_replay(expected):
+                if replayed_seq >= expected:
+                    self._append(topic, expected, replayed_seq, replayed)
+                    expected = replayed_seq + 1
+        if seq >= expected:
+            self._append(topic, expected, seq, payload)
+            expected = seq + 1
+        self._next_seq[topic] = expected
+
+    def _append(self, topic: str, expected: int, seq: int, payload: bytes) -> None:
+        self._ready.append(ReceivedBatch(topic, seq, decode_event_batch(payload)))
+        self.num_missed_batches += seq - expected
+
+    def _fetch_replay(self, start: int) -> list[tuple[int, bytes]]:
+        """Batches with seq >= start from the replay socket, until its terminator or the timeout."""
+        if self._dealer is None:
+            self._dealer = self._ctx.socket(zmq.DEALER)
+            self._dealer.setsockopt(zmq.LINGER, 0)
+            self._dealer.connect(self._replay_endpoint)  # type: ignore[arg-type]
+        self._dealer.send_multipart([b"", start.to_bytes(8, "big")])
+        deadline = time.monotonic() + self._replay_timeout
+        batches: list[tuple[int, bytes]] = []
+        while self._dealer.poll(max(0, round((deadline - time.monotonic()) * 1000))):
+            frames = self._dealer.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                raise KVEventDecodeError(f"expected ['', seq, payload] replay frames, got {len(frames)}")
+            if frames[1] == _END_SEQ:
+                return batches
+            batches.append((int.from_bytes(frames[1], "big"), frames[2]))
+        logger.warning("KV-event replay from seq %d timed out after %.1f s", start, self._replay_timeout)
+        self._dealer.close(linger=0)  # drop it: late replies must not answer the next request
+        self._dealer = None
+        return batches
