@@ -47,7 +47,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stage-min-runs", type=int, default=None,
-        help="stage a handle's blocks when they form more runs of adjacent ids than this (default 8)",
+        help="stage a handle's blocks when they form more runs of adjacent ids than this (default 32)",
     )
 
 

@@ -14,6 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import zmq
+
+from tandem.kvtransfer.block_hash import hash_full_blocks
+from tandem.kvtransfer.events import AllBlocksCleared, BlockStored
+from tandem.kvtransfer.kv_event_stream import EventBatch, decode_event_batch, parse_kv_event_topic
 from tandem.proto import tandem_pb2 as pb
 
 BLOCK_SIZE = 4
@@ -158,6 +163,46 @@ def test_peer_of_another_block_size_is_refused_and_leaks_nothing(pair, block8_ge
     assert context.stub.Release(pb.ReleaseRequest(handle=reply.kv_handle), timeout=10).released
     stats = context.stats()
     assert stats.num_leases == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def replayed_batches(worker) -> list[tuple[int, EventBatch]]:
+    """Every KV-event batch the worker still buffers, asked from seq 0 on its ZMQ replay socket."""
+    context = zmq.Context.instance()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(worker.ready["kv_events_replay_endpoint"])
+    try:
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        batches = []
+        while dealer.poll(5000):
+            _, seq, payload = dealer.recv_multipart()
+            if int.from_bytes(seq, "big", signed=True) == -1:
+                return batches
+            batches.append((int.from_bytes(seq, "big"), decode_event_batch(payload)))
+        pytest.fail("no end-of-replay frame within 5 s")
+    finally:
+        dealer.close()
+
+
+def test_both_workers_publish_the_blocks_they_hold_as_vllm_kv_events(pair) -> None:
+    prompt_ids = [7, 1, 4, 9, 60, 61, 62, 63, 99]  # two full blocks and a part
+    run_disaggregated(pair, "events-1", prompt_ids)
+    expected = hash_full_blocks(prompt_ids, BLOCK_SIZE)
+    for worker in pair:
+        worker_id, epoch, _model = parse_kv_event_topic(worker.ready["kv_events_topic"])
+        assert (worker_id, epoch) == (worker.ready["worker_id"], worker.ready["epoch"])
+        batches = replayed_batches(worker)
+        assert [seq for seq, _ in batches] == list(range(len(batches)))
+        assert batches[0][1].events == (AllBlocksCleared(),)  # every epoch starts empty
+        stored = {}  # block hash -> (its parent's hash, its tokens)
+        for _, batch in batches:
+            for event in batch.events:
+                if isinstance(event, BlockStored):
+                    parents = (event.parent_block_hash, *event.block_hashes[:-1])
+                    for i, (block_hash, parent) in enumerate(zip(event.block_hashes, parents)):
+                        stored[block_hash] = (parent, event.token_ids[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+        assert stored[expected[0]] == (None, tuple(prompt_ids[:4]))
+        assert stored[expected[1]] == (expected[0], tuple(prompt_ids[4:8]))
 
 
 def test_abort_of_an_unknown_request_finds_nothing(pair) -> None:
