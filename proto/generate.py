@@ -9,6 +9,7 @@ committed copies are stale. The .proto is compiled from a temporary root where i
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,13 +21,15 @@ GENERATED = ("tandem_pb2.py", "tandem_pb2.pyi", "tandem_pb2_grpc.py")
 
 def generate(out_dir: Path) -> list[Path]:
     """Compile tandem.proto into out_dir; returns the generated files."""
-    from grpc_tools import protoc  # a build-time tool: imported only here
-
     with tempfile.TemporaryDirectory() as root:
         package_dir = Path(root) / "tandem" / "proto"
         package_dir.mkdir(parents=True)
         shutil.copy(PROTO_FILE, package_dir / PROTO_FILE.name)
+        # protoc runs in its own process: inside a process that has loaded torch, NIXL and the
+        # protobuf runtime it has crashed (segfault), and it needs nothing from this one.
         args = [
+            sys.executable,
+            "-m",
             "grpc_tools.protoc",
             f"-I{root}",
             f"--python_out={root}",
@@ -34,8 +37,9 @@ def generate(out_dir: Path) -> list[Path]:
             f"--grpc_python_out={root}",
             f"tandem/proto/{PROTO_FILE.name}",
         ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO_FILE}")
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"protoc failed on {PROTO_FILE}: {result.stderr.strip()}")
         out_dir.mkdir(parents=True, exist_ok=True)
         return [Path(shutil.copy(package_dir / name, out_dir / name)) for name in GENERATED]
 

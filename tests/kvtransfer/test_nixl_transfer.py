@@ -290,9 +290,10 @@ def test_owner_queue_has_no_stray_notifications(owner: Owner) -> None:
 
 def test_scattered_blocks_move_through_staging_with_one_descriptor() -> None:
     """Owner and reader in one process (staging logic, not IPC, is under test here)."""
-    owner = TransferEngine("stage-owner", owner_cache(3), worker_id="stage-owner", epoch=1, staging_blocks=16)
+    owner = TransferEngine("stage-owner", owner_cache(3), worker_id="stage-owner", epoch=1, staging_blocks=16, stage_min_runs=8)
     reader_cache = allocate_kv_cache(SPEC, NUM_BLOCKS, CPU)
-    reader = TransferEngine("stage-reader", reader_cache, worker_id="stage-reader", epoch=1, staging_blocks=16)
+    reader = TransferEngine("stage-reader", reader_cache, worker_id="stage-reader", epoch=1, staging_blocks=16,
+                            stage_min_runs=8)
     try:
         reader.add_peer(owner.metadata())
         remote = [30, 2, 17, 5, 11, 23, 8, 14, 27, 0]  # ten runs: worth staging
