@@ -13,6 +13,7 @@ import torch
 from tandem.kvtransfer.nixl_transfer import PeerMetadata, TransferEngine
 from tandem.proto import tandem_pb2 as pb
 from tandem.workers.sampling_params import SamplingParams
+from worker_rpc import MAX_TOKENS, generate, greedy, prefill, run_disaggregated, wait_for
 
 LEASE_SECONDS = 4.0
 KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
@@ -20,7 +21,6 @@ PROMPT = (
     "A long time ago, in a small village at the foot of the mountains, there lived an old clockmaker who "
     "repaired every clock in the valley. Each morning he opened his shop at dawn, lit a small lamp, and"
 )
-MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -36,40 +36,14 @@ def prompt_ids(smollm2) -> list[int]:
     return smollm2.tokenizer(PROMPT)["input_ids"]
 
 
-def greedy(max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
-    return pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
 
-def prefill(worker, request_id: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> pb.PrefillResponse:
-    return worker.stub.Prefill(
-        pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy(max_tokens)), timeout=60
-    )
 
 
-def generate(worker, request_id: str, prompt_ids: list[int], reply: pb.PrefillResponse | None = None,
-             max_tokens: int = MAX_TOKENS) -> list[pb.GenerateChunk]:
-    request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy(max_tokens))
-    if reply is not None:
-        request.kv_handle.CopyFrom(reply.kv_handle)
-        request.first_token_id = reply.first_token_id
-    return list(worker.stub.Generate(request, timeout=120))
 
 
-def run_disaggregated(pair, request_id: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS):
-    context, generation = pair
-    reply = prefill(context, request_id, prompt_ids, max_tokens)
-    assert reply.HasField("kv_handle"), reply
-    chunks = generate(generation, request_id, prompt_ids, reply, max_tokens)
-    tokens = [reply.first_token_id] + [t for c in chunks for t in c.token_ids]
-    return tokens, reply, chunks
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_greedy_tokens_equal_transformers_and_the_aggregated_engine(pair, prompt_ids, hf_smollm2, make_llm) -> None:

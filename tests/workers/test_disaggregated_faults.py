@@ -20,13 +20,13 @@ from tandem.kvtransfer.block_hash import hash_full_blocks
 from tandem.kvtransfer.events import AllBlocksCleared, BlockStored
 from tandem.kvtransfer.kv_event_stream import EventBatch, decode_event_batch, parse_kv_event_topic
 from tandem.proto import tandem_pb2 as pb
+from worker_rpc import MAX_TOKENS, generate, pool_full, prefill, run_disaggregated, tokens_of, wait_for
 
 BLOCK_SIZE = 4
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 16
 NUM_BLOCKS = 64
 LEASE_SECONDS = 3.0
 TRANSFER_TIMEOUT_S = 3.0
-MAX_TOKENS = 12
 PROMPTS = {  # shorter than a block, exactly two blocks, several blocks and a part
     "short": [17, 42, 99],
     "two-blocks": [5, 120, 33, 8, 77, 150, 61, 2],
@@ -80,27 +80,12 @@ def block8_generation(start_worker, tiny_llama):
     return start_worker("generation", *worker_args(tiny_llama[0], block_size=8), "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
 
 
-def greedy(max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
-    return pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
 
-def prefill(worker, request_id: str, prompt_ids: list[int]) -> pb.PrefillResponse:
-    return worker.stub.Prefill(pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy()), timeout=30)
 
 
-def generate(worker, request_id: str, prompt_ids: list[int], reply: pb.PrefillResponse | None = None) -> list[int]:
-    request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy())
-    if reply is not None:
-        request.kv_handle.CopyFrom(reply.kv_handle)
-        request.first_token_id = reply.first_token_id
-    return [t for chunk in worker.stub.Generate(request, timeout=30) for t in chunk.token_ids]
 
 
-def run_disaggregated(pair, request_id: str, prompt_ids: list[int]) -> list[int]:
-    context, generation = pair
-    reply = prefill(context, request_id, prompt_ids)
-    assert reply.HasField("kv_handle"), reply
-    return [reply.first_token_id] + generate(generation, request_id, prompt_ids, reply)
 
 
 def expected_tokens(hf_model, prompt_ids: list[int]) -> list[int]:
@@ -109,24 +94,15 @@ def expected_tokens(hf_model, prompt_ids: list[int]) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
-def pool_full(worker) -> bool:
-    stats = worker.stats()
-    return stats.num_free_blocks == stats.num_total_blocks
 
 
 def test_greedy_tokens_equal_transformers_and_blocks_return(pair, tiny_llama) -> None:
     context, generation = pair
     _, hf_model = tiny_llama
     for name, prompt_ids in PROMPTS.items():
-        assert run_disaggregated(pair, f"greedy-{name}", prompt_ids) == expected_tokens(hf_model, prompt_ids), name
+        assert run_disaggregated(pair, f"greedy-{name}", prompt_ids)[0] == expected_tokens(hf_model, prompt_ids), name
     assert pool_full(generation)
     wait_for(lambda: pool_full(context) and context.stats().num_leases == 0, 5.0, "the READs' notifications to end the leases")
 
@@ -137,14 +113,10 @@ def test_shared_prefix_reads_only_the_missing_staged_blocks(pair, tiny_llama) ->
     prefix = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]  # two full blocks and a part
     run_disaggregated(pair, "prefix-a", prefix)
     longer = prefix + [46, 26, 43, 38, 32, 79, 50]
-    reply = prefill(context, "prefix-b", longer)
+    tokens, reply, chunks = run_disaggregated(pair, "prefix-b", longer)
     assert reply.kv_handle.HasField("staging_offset")
-    request = pb.GenerateRequest(request_id="prefix-b", prompt_token_ids=longer, params=greedy(),
-                                 kv_handle=reply.kv_handle, first_token_id=reply.first_token_id)
-    chunks = list(generation.stub.Generate(request, timeout=30))
     assert chunks[0].transfer.num_cached_blocks == 2
     assert chunks[0].transfer.num_blocks == len(reply.kv_handle.block_ids) - 2
-    tokens = [reply.first_token_id] + [t for c in chunks for t in c.token_ids]
     assert tokens == expected_tokens(hf_model, longer)
     wait_for(lambda: pool_full(context) and context.stats().num_leases == 0, 5.0, "the lease to end")
 
@@ -212,7 +184,7 @@ def test_abort_of_an_unknown_request_finds_nothing(pair) -> None:
 
 def test_drained_worker_refuses_new_work_as_retriable(start_worker, tiny_llama) -> None:
     aggregated = start_worker("aggregated", *worker_args(tiny_llama[0]))
-    assert len(generate(aggregated, "before-drain", PROMPTS["short"])) == MAX_TOKENS
+    assert len(tokens_of(generate(aggregated, "before-drain", PROMPTS["short"]))) == MAX_TOKENS
     assert aggregated.stub.Drain(pb.DrainRequest(), timeout=30).num_requests_finished == 0
     assert aggregated.stats().draining
     for call in (lambda: prefill(aggregated, "after-drain", PROMPTS["short"]),
@@ -240,4 +212,4 @@ def test_killed_context_worker_fails_its_request_fast_and_generation_serves_on(p
     assert elapsed < TRANSFER_TIMEOUT_S + 5, elapsed
     wait_for(lambda: pool_full(generation) and generation.stats().num_transferring == 0, 10.0,
              "the failed READ's blocks to return to the generation pool")
-    assert generate(generation, "after-kill", PROMPTS["long"]) == expected_tokens(hf_model, PROMPTS["long"])
+    assert tokens_of(generate(generation, "after-kill", PROMPTS["long"])) == expected_tokens(hf_model, PROMPTS["long"])

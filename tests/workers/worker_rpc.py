@@ -1,0 +1,58 @@
+"""Client helpers shared by the tests that drive worker processes over gRPC."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tandem.proto import tandem_pb2 as pb
+
+MAX_TOKENS = 24
+
+
+def greedy(max_tokens: int = MAX_TOKENS) -> pb.SamplingParams:
+    return pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+def prefill(worker, request_id: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> pb.PrefillResponse:
+    return worker.stub.Prefill(
+        pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy(max_tokens)), timeout=60
+    )
+
+
+def generate(worker, request_id: str, prompt_ids: list[int], reply: pb.PrefillResponse | None = None,
+             max_tokens: int = MAX_TOKENS) -> list[pb.GenerateChunk]:
+    """Generate, with the KV handle and first token of a Prefill reply when one is given."""
+    request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=greedy(max_tokens))
+    if reply is not None:
+        request.kv_handle.CopyFrom(reply.kv_handle)
+        request.first_token_id = reply.first_token_id
+    return list(worker.stub.Generate(request, timeout=120))
+
+
+def tokens_of(chunks: list[pb.GenerateChunk]) -> list[int]:
+    return [t for chunk in chunks for t in chunk.token_ids]
+
+
+def run_disaggregated(pair, request_id: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS):
+    """Prefill on the pair's context worker, Generate with its handle on the generation worker:
+    (all tokens, the Prefill reply, the Generate chunks)."""
+    context, generation = pair
+    reply = prefill(context, request_id, prompt_ids, max_tokens)
+    assert reply.HasField("kv_handle"), reply
+    chunks = generate(generation, request_id, prompt_ids, reply, max_tokens)
+    return [reply.first_token_id, *tokens_of(chunks)], reply, chunks
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pool_full(worker) -> bool:
+    stats = worker.stats()
+    return stats.num_free_blocks == stats.num_total_blocks
