@@ -177,6 +177,32 @@ def test_both_workers_publish_the_blocks_they_hold_as_vllm_kv_events(pair) -> No
         assert stored[expected[1]] == (expected[0], tuple(prompt_ids[4:8]))
 
 
+def test_abort_after_prefill_releases_the_lease_at_once(pair) -> None:
+    context, _ = pair
+    reply = prefill(context, "abort-held", PROMPTS["long"])
+    assert context.stats().num_leases == 1
+    assert context.stub.Abort(pb.AbortRequest(request_id="abort-held"), timeout=10).found
+    stats = context.stats()
+    assert stats.num_leases == 0 and stats.num_leases_expired == 0 and pool_full(context)
+    assert not context.stub.Release(pb.ReleaseRequest(handle=reply.kv_handle), timeout=10).released
+
+
+def test_abort_while_decoding_ends_the_stream_and_frees_the_blocks(pair) -> None:
+    context, generation = pair
+    reply = prefill(context, "abort-decoding", PROMPTS["two-blocks"], max_tokens=200)
+    request = pb.GenerateRequest(request_id="abort-decoding", prompt_token_ids=PROMPTS["two-blocks"],
+                                 params=pb.SamplingParams(max_tokens=200, ignore_eos=True),
+                                 kv_handle=reply.kv_handle, first_token_id=reply.first_token_id)
+    stream = generation.stub.Generate(request, timeout=60)
+    first = next(stream)
+    assert first.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert generation.stub.Abort(pb.AbortRequest(request_id="abort-decoding"), timeout=10).found
+    rest = list(stream)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
+    assert len(tokens_of([first, *rest])) < 199
+    wait_for(lambda: pool_full(generation), 5.0, "the aborted request's blocks")
+
+
 def test_abort_of_an_unknown_request_finds_nothing(pair) -> None:
     _, generation = pair
     assert not generation.stub.Abort(pb.AbortRequest(request_id="nobody"), timeout=10).found
