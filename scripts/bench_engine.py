@@ -92,15 +92,16 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    llm = LLM(args.model, device="cpu", dtype="float32", show_progress=False)
+    llm = LLM(args.model, device="cpu", dtype=args.dtype, show_progress=False)
     source = resolve_model(args.model)
     tokenizer = llm.tokenizer
     tokenizer.padding_side = "left"
     hf_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    hf_model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32, **hf_kwargs).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=getattr(torch, args.dtype), **hf_kwargs).eval()
 
     warm = make_prompts(2)
     bench_tandem(llm, warm, 4)
@@ -113,7 +114,7 @@ def main() -> None:
         speedup = round(tandem["gen_tok_s"] / hf["gen_tok_s"], 2)
         results.append({"batch": batch, "tandem": tandem, "transformers": hf, "speedup": speedup})
 
-    print(f"model {source.name}, {args.new_tokens} new tokens, torch {torch.__version__}, "
+    print(f"model {source.name}, {args.dtype}, {args.new_tokens} new tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("| batch | engine | seconds | prompt tok/s | gen tok/s | decode step ms | speedup |")
     print("|---|---|---|---|---|---|---|")
