@@ -76,8 +76,10 @@ def pair(start_worker, tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def block8_generation(start_worker, tiny_llama):
-    return start_worker("generation", *worker_args(tiny_llama[0], block_size=8), "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
+def mismatched_generation(start_worker, tiny_llama):
+    """Same model, but 8-token blocks in bfloat16: its KV bytes mean something else."""
+    return start_worker("generation", *worker_args(tiny_llama[0], block_size=8), "--dtype", "bfloat16",
+                        "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
 
 
 
@@ -122,15 +124,16 @@ def test_shared_prefix_reads_only_the_missing_staged_blocks(pair, tiny_llama) ->
 
 
 @pytest.mark.parametrize("prompt_name", ["short", "long"])  # one block on either side; more blocks on one
-def test_peer_of_another_block_size_is_refused_and_leaks_nothing(pair, block8_generation, prompt_name) -> None:
+def test_peer_of_another_block_size_and_dtype_is_refused_and_leaks_nothing(pair, mismatched_generation, prompt_name) -> None:
     context, _ = pair
-    other = block8_generation
+    other = mismatched_generation
     prompt_ids = PROMPTS[prompt_name]
     reply = prefill(context, f"pairing-{prompt_name}", prompt_ids)
     with pytest.raises(grpc.RpcError) as refused:
         generate(other, f"pairing-{prompt_name}", prompt_ids, reply)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
-    assert "block_size" in refused.value.details()
+    assert "block_size 4 there, 8 here" in refused.value.details()
+    assert "kv_dtype 'float32' there, 'bfloat16' here" in refused.value.details()
     assert pool_full(other)
     assert context.stub.Release(pb.ReleaseRequest(handle=reply.kv_handle), timeout=10).released
     stats = context.stats()
