@@ -7,7 +7,8 @@ keeps serving; an unexpected exception gets INTERNAL and is logged with its trac
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -25,9 +26,10 @@ from tandem.workers.wire import (
     output_to_chunk,
     sampling_params_from_proto,
 )
-from tandem.workers.worker import API_VERSION, Role, Worker
+from tandem.workers.worker import API_VERSION, PrefillResult, Role, Worker
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ROLE_TO_PROTO = {Role.CONTEXT: pb.ROLE_CONTEXT, Role.GENERATION: pb.ROLE_GENERATION, Role.AGGREGATED: pb.ROLE_AGGREGATED}
 
@@ -46,11 +48,21 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _fail(context: grpc.aio.ServicerContext, error: Exception) -> None:
+async def _fail(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+    """Answer with error's status; context.abort raises, ending the RPC."""
     code = status_of(error)
     if code is grpc.StatusCode.INTERNAL:
         logger.exception("internal error serving a request")
     await context.abort(code, str(error))
+    raise AssertionError("context.abort returned")  # it raises; this keeps type checkers honest
+
+
+async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run a unary call's work, turning any exception into its precise gRPC status."""
+    try:
+        return await call()
+    except Exception as error:
+        await _fail(context, error)
 
 
 def _request_id(request_id: str) -> str:
@@ -65,16 +77,10 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
         self.kv_events = kv_events  # (endpoint, replay endpoint, topic)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
-        try:
-            request_id = _request_id(request.request_id)
-            params = sampling_params_from_proto(request.params, request_id)
-            result = await self.worker.prefill(request_id, list(request.prompt_token_ids), params)
-        except Exception as error:
-            await _fail(context, error)
-            raise AssertionError("unreachable") from error
+        result = await _answer(context, lambda: self._prefill(request))
         output = result.output
         reply = pb.PrefillResponse(
-            request_id=request_id,
+            request_id=output.request_id,
             first_text=output.new_text,
             finish_reason=finish_reason_to_proto(output.finish_reason),
             num_prompt_tokens=output.num_prompt_tokens,
@@ -87,6 +93,11 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
         if result.handle is not None:
             reply.kv_handle.CopyFrom(handle_to_proto(result.handle))
         return reply
+
+    async def _prefill(self, request: pb.PrefillRequest) -> PrefillResult:
+        request_id = _request_id(request.request_id)
+        params = sampling_params_from_proto(request.params, request_id)
+        return await self.worker.prefill(request_id, list(request.prompt_token_ids), params)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         try:
@@ -112,19 +123,11 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
             await _fail(context, error)
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        try:
-            released = await self.worker.release(handle_from_proto(request.handle))
-        except Exception as error:
-            await _fail(context, error)
-            raise AssertionError("unreachable") from error
+        released = await _answer(context, lambda: self.worker.release(handle_from_proto(request.handle)))
         return pb.ReleaseResponse(released=released)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        try:
-            found = await self.worker.abort(_request_id(request.request_id))
-        except Exception as error:
-            await _fail(context, error)
-            raise AssertionError("unreachable") from error
+        found = await _answer(context, lambda: self.worker.abort(_request_id(request.request_id)))
         return pb.AbortResponse(found=found)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
