@@ -49,6 +49,8 @@ class LeaseError(Exception):
 class StaleHandleError(LeaseError):
     """The handle names another worker or another epoch of this one."""
 
+    retriable = True  # the request itself can be prefilled again, elsewhere or here
+
 
 class UnknownHandleError(LeaseError):
     """This worker never issued the handle."""

@@ -16,6 +16,7 @@ from tandem.workers.config import CacheConfig, EngineConfig
 from tandem.workers.engine import LLMEngine, kv_cache_spec
 from tandem.workers.llm import LLM
 from tandem.workers.scheduler import SchedulerConfig
+from worker_processes import start_worker  # noqa: F401  (a fixture: worker processes for a test module)
 
 CPU = torch.device("cpu")
 
@@ -51,3 +52,25 @@ def make_llm(smollm2: LoadedModel) -> LLMFactory:
 
     return make
 
+
+
+TINY_LLAMA = dict(  # 2 layers, 2 KV heads of 16: a worker of it starts in a few seconds
+    vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    """A random Llama saved as safetensors (no tokenizer: prompts are token ids), and the HF model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA, architectures=["LlamaForCausalLM"])).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model_dir = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    model.generation_config.eos_token_id = None  # the workers get ignore_eos
+    return model_dir, model

@@ -48,12 +48,17 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+RETRIABLE_KEY = "tandem-retriable"  # trailing metadata: may the same request succeed on another worker?
+
+
 async def _fail(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
-    """Answer with error's status; context.abort raises, ending the RPC."""
+    """Answer with error's status and whether a router may retry it elsewhere; context.abort
+    raises, ending the RPC."""
     code = status_of(error)
     if code is grpc.StatusCode.INTERNAL:
         logger.exception("internal error serving a request")
-    await context.abort(code, str(error))
+    retriable = getattr(error, "retriable", False) or code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    await context.abort(code, str(error), trailing_metadata=((RETRIABLE_KEY, "true" if retriable else "false"),))
     raise AssertionError("context.abort returned")  # it raises; this keeps type checkers honest
 
 

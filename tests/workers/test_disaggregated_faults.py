@@ -12,7 +12,6 @@ import time
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import zmq
 
@@ -36,25 +35,6 @@ PROMPTS = {  # shorter than a block, exactly two blocks, several blocks and a pa
 
 def kv_bytes_per_block(block_size: int) -> int:
     return NUM_LAYERS * 2 * block_size * NUM_KV_HEADS * HEAD_DIM * 4  # K and V, float32
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
-    """A random Llama saved as safetensors (no tokenizer: prompts are token ids), and the HF model."""
-    config = LlamaConfig(
-        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-        num_key_value_heads=NUM_KV_HEADS, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    model_dir = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(model_dir, safe_serialization=True)
-    model.generation_config.eos_token_id = None  # the workers get ignore_eos
-    return model_dir, model
 
 
 def worker_args(model_dir, block_size: int = BLOCK_SIZE) -> list[str]:

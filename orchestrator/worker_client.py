@@ -1,0 +1,158 @@
+"""The orchestrator's side of the worker API: async gRPC calls to one worker, with deadlines.
+
+No torch and no engine types: requests go out as token ids and a plain dict of sampling
+parameters (the field names of the worker's SamplingParams), answers come back as small
+dataclasses, and every failure is a WorkerCallError that says whether the request may be
+retried elsewhere (the worker sends that in the `tandem-retriable` trailer).
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc
+
+RETRIABLE_KEY = "tandem-retriable"  # set by workers/server.py
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+_RETRIABLE_WITHOUT_TRAILER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class WorkerCallError(Exception):
+    """A call to a worker failed; ``code`` is the gRPC status name."""
+
+    def __init__(self, address: str, call: str, code: str, message: str, retriable: bool) -> None:
+        super().__init__(f"{call} on {address} failed: {code}: {message}")
+        self.address = address
+        self.code = code
+        self.message = message
+        self.retriable = retriable
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillReply:
+    first_token_id: int | None
+    first_text: str
+    first_logprob: pb.TokenLogprob | None
+    finish_reason: str | None  # set when the first token ended the request (then no handle)
+    handle: pb.KVHandle | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateDelta:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[pb.TokenLogprob, ...]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    transfer: pb.TransferReport | None  # on the first delta of a request whose KV was fetched
+
+
+def sampling_params_to_proto(params: Mapping[str, Any]) -> pb.SamplingParams:
+    """A dict with SamplingParams' field names -> the wire message (None means unset)."""
+    fields = {key: value for key, value in params.items() if value is not None}
+    for key in ("stop", "stop_token_ids"):
+        if key in fields:
+            fields[key] = list(fields[key])
+    return pb.SamplingParams(**fields)
+
+
+class WorkerClient:
+    """One worker, one channel. ``timeout_s`` bounds unary calls; a stream's deadline is given
+    per call."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = tandem_pb2_grpc.WorkerStub(self._channel)
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: Mapping[str, Any], timeout_s: float | None = None
+    ) -> PrefillReply:
+        request = pb.PrefillRequest(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=sampling_params_to_proto(params)
+        )
+        reply = await self._unary("Prefill", self._stub.Prefill, request, timeout_s)
+        return PrefillReply(
+            first_token_id=None if reply.finish_reason == pb.FINISH_REASON_ABORT else reply.first_token_id,
+            first_text=reply.first_text,
+            first_logprob=reply.first_logprob if reply.HasField("first_logprob") else None,
+            finish_reason=_FINISH_REASONS.get(reply.finish_reason),
+            handle=reply.kv_handle if reply.HasField("kv_handle") else None,
+            num_prompt_tokens=reply.num_prompt_tokens,
+            num_cached_tokens=reply.num_cached_tokens,
+        )
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: Mapping[str, Any],
+        *,
+        handle: pb.KVHandle | None = None,
+        first_token_id: int | None = None,
+        timeout_s: float,
+    ) -> AsyncIterator[GenerateDelta]:
+        """Stream the request's tokens; with a handle, the worker fetches the prompt's KV first."""
+        request = pb.GenerateRequest(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=sampling_params_to_proto(params)
+        )
+        if handle is not None:
+            request.kv_handle.CopyFrom(handle)
+        if first_token_id is not None:
+            request.first_token_id = first_token_id
+        call = self._stub.Generate(request, timeout=timeout_s)
+        try:
+            async for chunk in call:
+                yield GenerateDelta(
+                    token_ids=tuple(chunk.token_ids),
+                    text=chunk.text,
+                    logprobs=tuple(chunk.logprobs),
+                    finish_reason=_FINISH_REASONS.get(chunk.finish_reason),
+                    num_prompt_tokens=chunk.num_prompt_tokens,
+                    num_cached_tokens=chunk.num_cached_tokens,
+                    num_output_tokens=chunk.num_output_tokens,
+                    transfer=chunk.transfer if chunk.HasField("transfer") else None,
+                )
+        except grpc.aio.AioRpcError as error:
+            raise self._error("Generate", error) from None
+        finally:
+            call.cancel()  # a caller that stops early cancels the stream; the worker aborts the request
+
+    async def release(self, handle: pb.KVHandle) -> bool:
+        return (await self._unary("Release", self._stub.Release, pb.ReleaseRequest(handle=handle), None)).released
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self._unary("Abort", self._stub.Abort, pb.AbortRequest(request_id=request_id), None)).found
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._unary("Stats", self._stub.Stats, pb.StatsRequest(), None)
+
+    async def transfer_metadata(self) -> pb.TransferMetadata:
+        return await self._unary("GetTransferMetadata", self._stub.GetTransferMetadata, pb.TransferMetadataRequest(), None)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, name: str, method, request, timeout_s: float | None):
+        try:
+            return await method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(name, error) from None
+
+    def _error(self, call: str, error: grpc.aio.AioRpcError) -> WorkerCallError:
+        trailer = dict(error.trailing_metadata() or ()).get(RETRIABLE_KEY)
+        retriable = trailer == "true" if trailer is not None else error.code() in _RETRIABLE_WITHOUT_TRAILER
+        return WorkerCallError(self.address, call, error.code().name, error.details() or "", retriable)
