@@ -1,0 +1,199 @@
+"""The schema of `tandem serve --config serve.yaml`: pydantic at the edge, every key checked.
+
+Owns parsing and validation only; nothing here starts a worker. Unknown keys are errors (a typo
+must not silently fall back to a default), and `load_serve_config` names the file and the field
+path of every problem. Pool counts default by mode: one context and one generation worker when
+disaggregated, one aggregated worker when aggregated.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+Mode = Literal["disaggregated", "aggregated"]
+PoolName = Literal["context", "generation", "aggregated"]
+
+_MODE_POOLS: dict[str, tuple[PoolName, ...]] = {
+    "disaggregated": ("context", "generation"),
+    "aggregated": ("aggregated",),
+}
+# Pools whose workers READ each other's KV blocks: raw bytes only pair when these fields agree.
+_KV_EXCHANGE: dict[str, tuple[PoolName, ...]] = {"disaggregated": ("context", "generation"), "aggregated": ()}
+_KV_FIELDS = ("block_size", "dtype")
+
+
+class ServeConfigError(Exception):
+    """A serve config that cannot be read or does not validate; the message names file and field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """A cross-field error; `field` (relative to the validated model) is joined to its location."""
+    return PydanticCustomError("serve_config", message, {"field": field})
+
+
+class PoolConfig(_Section):
+    count: int = Field(0, ge=0)
+    """Workers in this pool; left out, 1 for the pools the mode uses and 0 for the others."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each worker."""
+    num_gpus: float | None = Field(None, ge=0)
+    """GPUs Ray reserves for each worker; None: tp_size when the cluster has GPUs, else 0."""
+    tp_size: int = Field(1, ge=1)
+    """Tensor-parallel degree of each worker."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weights and KV cache; auto: bfloat16 on cuda, float32 on cpu."""
+    kv_cache_bytes: int | None = Field(None, ge=1)
+    """KV cache size of each worker; None: the worker's default for its device."""
+    block_size: int = Field(16, ge=1)
+    """Tokens per KV block."""
+    resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    """Extra Ray custom resources each worker needs, e.g. {"B200": 1}."""
+
+    @model_validator(mode="after")
+    def _enough_gpus_for_tp(self) -> PoolConfig:
+        if self.num_gpus is not None and self.tp_size > 1 and self.num_gpus < self.tp_size:
+            raise _field_error("num_gpus", f"tp_size {self.tp_size} needs num_gpus >= {self.tp_size}, got {self.num_gpus:g}")
+        return self
+
+
+class PoolsConfig(_Section):
+    context: PoolConfig = Field(default_factory=PoolConfig)
+    """Workers that prefill prompts and hand their KV off."""
+    generation: PoolConfig = Field(default_factory=PoolConfig)
+    """Workers that decode (and prefill short uncached prompts themselves)."""
+    aggregated: PoolConfig = Field(default_factory=PoolConfig)
+    """Workers that prefill and decode every request themselves."""
+
+
+class RouterConfig(_Section):
+    policy: Literal["round_robin", "least_load", "kv_aware"] = "kv_aware"
+    """How requests pick workers (orchestrator/router.py)."""
+    local_prefill_max_tokens: int = Field(64, ge=0)
+    """A generation worker prefills a prompt itself when at most this many tokens are uncached there."""
+    max_retries: int = Field(1, ge=0)
+    """Times a request whose worker failed is retried on another one."""
+
+
+class LimitsConfig(_Section):
+    max_concurrent_requests: int = Field(256, ge=1)
+    """Requests in flight at once; more are refused with 429."""
+    max_model_len: int | None = Field(None, ge=1)
+    """Prompt plus completion tokens; None: the model's context length."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Wall-clock limit of one request."""
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds to."""
+    port: int = Field(8000, ge=0, le=65535)
+    """HTTP port; 0 picks a free one."""
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of the environment variable holding the API key; None: no authentication."""
+
+
+class ServeConfig(_Section):
+    model: str | None = None
+    """HF checkpoint directory or .gguf file; None: the embedded SmolLM2."""
+    served_model_name: str | None = Field(None, min_length=1)
+    """The name clients put in `model`; None: derived from `model`."""
+    mode: Mode = "disaggregated"
+    """disaggregated: context and generation pools; aggregated: one pool that does both."""
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_counts_by_mode(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("mode", "disaggregated") not in _MODE_POOLS:
+            return data  # field validation reports it
+        pools = data.get("pools") or {}
+        if not isinstance(pools, dict):
+            return data
+        used = _MODE_POOLS[data.get("mode", "disaggregated")]
+        filled = {
+            name: {"count": int(name in used), **pools.get(name, {})} if isinstance(pools.get(name, {}), dict) else pools[name]
+            for name in ("context", "generation", "aggregated")
+        }
+        return {**data, "pools": {**pools, **filled}}
+
+    @model_validator(mode="after")
+    def _pools_fit_mode(self) -> ServeConfig:
+        used = _MODE_POOLS[self.mode]
+        for name in ("context", "generation", "aggregated"):
+            count = getattr(self.pools, name).count
+            if name in used and count < 1:
+                raise _field_error(f"pools.{name}.count", f"{self.mode} mode needs at least 1 {name} worker")
+            if name not in used and count > 0:
+                raise _field_error(f"pools.{name}.count", f"{self.mode} mode uses no {name} workers; set count to 0")
+        exchanging = _KV_EXCHANGE[self.mode]
+        for first, name in ((exchanging[0], other) for other in exchanging[1:]):
+            for key in _KV_FIELDS:
+                want, got = getattr(getattr(self.pools, first), key), getattr(getattr(self.pools, name), key)
+                if got != want:
+                    raise _field_error(
+                        f"pools.{name}.{key}",
+                        f"{got!r} differs from pools.{first}.{key} {want!r}; "
+                        f"the {' and '.join(exchanging)} pools exchange KV blocks and must agree",
+                    )
+        return self
+
+    def active_pools(self) -> dict[str, PoolConfig]:
+        """The pools this mode starts, by name."""
+        return {name: getattr(self.pools, name) for name in _MODE_POOLS[self.mode]}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _location(error: dict[str, Any]) -> str:
+    parts = [str(part) for part in error["loc"]]
+    field = (error.get("ctx") or {}).get("field")
+    return ".".join(parts + ([field] if field else [])) or "(top level)"
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """Read and validate a serve YAML file; an empty file means every default."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ServeConfigError(f"{name}: cannot read: {e.strerror or e}") from e
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ServeConfigError(f"{name}: {where}invalid YAML: {problem}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ServeConfigError(f"{name}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{name}: {_location(err)}: {err['msg']}" for err in e.errors()]
+        raise ServeConfigError("\n".join(lines)) from e
