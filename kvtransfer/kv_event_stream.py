@@ -332,6 +332,7 @@ class KVEventSubscriber:
         except zmq.ZMQError:
             self._ctx.destroy(linger=0)
             raise
+        self._topic = topic
         self._replay_endpoint = replay_endpoint
         self._replay_timeout = replay_timeout
         self._dealer: zmq.Socket | None = None
@@ -355,6 +356,22 @@ class KVEventSubscriber:
                 raise KVEventDecodeError(f"expected [topic, seq, payload] frames, got {len(frames)} frames")
             self._accept(frames[0].decode(), int.from_bytes(frames[1], "big"), frames[2])
         return self._ready.popleft()
+
+    def catch_up(self) -> int:
+        """Queue, from the replay socket, every batch of this subscriber's topic not seen yet.
+
+        A gap is only noticed when the next batch arrives; a follower that connects after a worker
+        went quiet would not learn that worker's blocks until its next event. Call this once after
+        connecting (the topic must be the publisher's exact topic). Returns the batches queued."""
+        if self._replay_endpoint is None:
+            return 0
+        expected = start = self._next_seq.get(self._topic, 0)
+        for seq, payload in self._fetch_replay(expected):
+            if seq >= expected:
+                self._append(self._topic, expected, seq, payload)
+                expected = seq + 1
+        self._next_seq[self._topic] = expected
+        return expected - start
 
     def close(self) -> None:
         self._ctx.destroy(linger=0)
