@@ -1,0 +1,154 @@
+"""The orchestrator's live view of its workers: who is up, at which epoch, how loaded, and which
+KV blocks each holds.
+
+Workers come and go through `add` and `remove` (the pools call them as actors start, die and
+restart). For each worker the cluster keeps a gRPC client, the load its last Stats reported
+(refreshed every `stats_interval_s` on the event loop), the prefill tokens this orchestrator has
+in flight on it (fresher than any Stats), and follows its KV-event stream into the block index
+that kv-aware routing reads. A worker removed here is out of routing at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from tandem.orchestrator.block_index import BlockIndex, KVEventFollower
+from tandem.orchestrator.router import WorkerLoad
+from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker's ready line says about it."""
+
+    worker_id: str
+    role: str
+    epoch: int
+    address: str
+    kv_events_endpoint: str
+    kv_events_replay_endpoint: str
+    kv_events_topic: str
+
+    @classmethod
+    def from_ready(cls, ready: dict) -> WorkerInfo:
+        return cls(**{name: ready[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(slots=True)
+class _Member:
+    info: WorkerInfo
+    client: WorkerClient
+    load: WorkerLoad
+    prefill_tokens_in_flight: int = 0
+
+
+class Cluster:
+    def __init__(self, block_size: int, *, stats_interval_s: float = 0.5) -> None:
+        self.block_size = block_size
+        self.index = BlockIndex(block_size)
+        self.follower = KVEventFollower(self.index)
+        self.stats_interval_s = stats_interval_s
+        self._members: dict[str, _Member] = {}
+        self._retired: list[WorkerClient] = []  # clients of workers that left; closed with the cluster
+        self._stats_task: asyncio.Task | None = None
+
+    def add(self, info: WorkerInfo) -> None:
+        """A worker is up (new, or restarted with a new epoch): route to it from now on."""
+        old = self._members.pop(info.worker_id, None)
+        if old is not None:
+            self._retired.append(old.client)
+        load = WorkerLoad(info.worker_id, info.role, 0, 0, 0, 0, 0, healthy=True)
+        self._members[info.worker_id] = _Member(info, WorkerClient(info.address), load)
+        self.follower.follow(
+            info.worker_id, info.epoch, info.kv_events_endpoint, info.kv_events_replay_endpoint, info.kv_events_topic
+        )
+        logger.info("worker %s (%s, epoch %d) at %s joined", info.worker_id, info.role, info.epoch, info.address)
+
+    def remove(self, worker_id: str) -> None:
+        """A worker died or left: out of routing and out of the block index now."""
+        member = self._members.pop(worker_id, None)
+        if member is None:
+            return
+        self.follower.unfollow(worker_id)
+        # Not closed yet: streams in flight on it must fail on their own (UNAVAILABLE, retriable),
+        # not be cancelled under their callers by a closing channel.
+        self._retired.append(member.client)
+        logger.warning("worker %s (%s) left routing", worker_id, member.info.role)
+
+    def client(self, worker_id: str) -> WorkerClient:
+        return self._members[worker_id].client
+
+    def info(self, worker_id: str) -> WorkerInfo:
+        return self._members[worker_id].info
+
+    def loads(self) -> list[WorkerLoad]:
+        return [
+            replace(m.load, queued_prefill_tokens=m.load.queued_prefill_tokens + m.prefill_tokens_in_flight)
+            for m in self._members.values()
+        ]
+
+    def infos(self) -> list[WorkerInfo]:
+        return [m.info for m in self._members.values()]
+
+    def cached_blocks(self, token_ids: list[int]) -> dict[str, int]:
+        return self.index.cached_prefix_blocks(token_ids)
+
+    @contextlib.contextmanager
+    def prefill_in_flight(self, worker_id: str, num_tokens: int) -> Iterator[None]:
+        """Count a prefill against its worker's queue while it runs (routing sees it at once)."""
+        member = self._members.get(worker_id)
+        if member is not None:
+            member.prefill_tokens_in_flight += num_tokens
+        try:
+            yield
+        finally:
+            if member is not None:
+                member.prefill_tokens_in_flight -= num_tokens
+
+    def start(self) -> None:
+        self._stats_task = asyncio.get_running_loop().create_task(self._refresh_loads())
+
+    async def close(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        for client in [*(m.client for m in self._members.values()), *self._retired]:
+            await client.close()
+        self._members.clear()
+        self._retired.clear()
+        self.follower.close()
+
+    async def refresh_loads(self) -> None:
+        """One Stats round over every worker; an unreachable worker is marked unhealthy."""
+        members = list(self._members.values())
+        results = await asyncio.gather(*(m.client.stats() for m in members), return_exceptions=True)
+        for member, stats in zip(members, results):
+            if isinstance(stats, WorkerCallError):
+                member.load = replace(member.load, healthy=False)
+                continue
+            if isinstance(stats, BaseException):
+                raise stats
+            member.load = WorkerLoad(
+                worker_id=member.info.worker_id,
+                role=member.info.role,
+                num_free_blocks=stats.num_free_blocks,
+                num_total_blocks=stats.num_total_blocks,
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
+                queued_prefill_tokens=0,
+                healthy=not stats.draining and stats.epoch == member.info.epoch,
+            )
+
+    async def _refresh_loads(self) -> None:
+        while True:
+            try:
+                await self.refresh_loads()
+            except Exception:
+                logger.exception("refreshing worker loads failed")
+            await asyncio.sleep(self.stats_interval_s)

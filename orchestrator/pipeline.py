@@ -1,0 +1,120 @@
+"""One request through the cluster: route, prefill on a context worker, hand the KV off, decode
+on a generation worker, and stream the tokens back; retry on another worker when one fails.
+
+The first token goes to the caller as soon as the context worker returns it: time to first
+token does not wait for the KV transfer. A retriable failure (a worker died, a transfer failed,
+a lease ran out) is retried up to `max_retries` times from the prompt plus the tokens already
+streamed, so the caller sees one stream. Closing the stream early (a client that went away)
+cancels the worker calls, and the workers abort the request and free its blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tandem.orchestrator.cluster import Cluster
+from tandem.orchestrator.router import Route, Router
+from tandem.orchestrator.worker_client import GenerateDelta, PrefillReply, WorkerCallError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Waterfall:
+    """Where a request's time to first token went, and what its KV hand-off moved."""
+
+    route: Route | None = None
+    attempts: int = 0
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0  # from the first route to the first token
+    transfer_s: float = 0.0
+    transfer_bytes: int = 0
+    retries: list[str] = field(default_factory=list)  # why each retry happened
+
+
+class Pipeline:
+    def __init__(self, cluster: Cluster, router: Router, *, max_retries: int = 1, request_timeout_s: float = 600.0) -> None:
+        self.cluster = cluster
+        self.router = router
+        self.max_retries = max_retries
+        self.request_timeout_s = request_timeout_s
+
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], params: Mapping[str, Any], waterfall: Waterfall | None = None
+    ) -> AsyncIterator[GenerateDelta]:
+        """Yield the request's deltas; raises WorkerCallError when it cannot finish."""
+        waterfall = waterfall or Waterfall()
+        emitted: list[int] = []
+        start = time.perf_counter()
+        while True:
+            waterfall.attempts += 1
+            attempt_id = request_id if waterfall.attempts == 1 else f"{request_id}.retry{waterfall.attempts - 1}"
+            already = len(emitted)  # a retry's prompt ends with them; its counts start after them
+            attempt_params = dict(params, max_tokens=params["max_tokens"] - already)
+            try:
+                async for delta in self._attempt(attempt_id, [*prompt_ids, *emitted], attempt_params, waterfall):
+                    if not emitted and delta.token_ids:
+                        waterfall.first_token_s = time.perf_counter() - start
+                    if already:
+                        delta = replace(
+                            delta, num_prompt_tokens=len(prompt_ids), num_output_tokens=already + delta.num_output_tokens
+                        )
+                    emitted.extend(delta.token_ids)
+                    yield delta
+                return
+            except WorkerCallError as error:
+                if not error.retriable or waterfall.attempts > self.max_retries:
+                    raise
+                waterfall.retries.append(f"{error.code}: {error.message}")
+                logger.warning("request %s: %s; retrying with %d tokens already streamed", request_id, error, len(emitted))
+
+    async def _attempt(
+        self, request_id: str, prompt: list[int], params: dict[str, Any], waterfall: Waterfall
+    ) -> AsyncIterator[GenerateDelta]:
+        route = self.router.route(len(prompt), self.cluster.cached_blocks(prompt), self.cluster.loads(), self.cluster.block_size)
+        waterfall.route = route
+        generation = self.cluster.client(route.generation_worker)
+        if route.context_worker is None:
+            async for delta in generation.generate(request_id, prompt, params, timeout_s=self.request_timeout_s):
+                yield delta
+            return
+        context = self.cluster.client(route.context_worker)
+        started = time.perf_counter()
+        with self.cluster.prefill_in_flight(route.context_worker, len(prompt) - route.cached_tokens_on_context):
+            reply = await context.prefill(request_id, prompt, params, timeout_s=self.request_timeout_s)
+        waterfall.prefill_s = time.perf_counter() - started
+        yield _first_delta(reply)
+        if reply.handle is None:  # the first token finished the request (or it was aborted)
+            return
+        streamed = False
+        try:
+            async for delta in generation.generate(
+                request_id, prompt, params, handle=reply.handle, first_token_id=reply.first_token_id,
+                timeout_s=self.request_timeout_s,
+            ):
+                if delta.transfer is not None:
+                    waterfall.transfer_s = delta.transfer.seconds
+                    waterfall.transfer_bytes = delta.transfer.num_bytes
+                streamed = True
+                yield delta
+        finally:
+            if not streamed:  # the KV was never read: unpin it now rather than at lease expiry
+                with contextlib.suppress(Exception):
+                    await context.release(reply.handle)
+
+
+def _first_delta(reply: PrefillReply) -> GenerateDelta:
+    return GenerateDelta(
+        token_ids=() if reply.first_token_id is None else (reply.first_token_id,),
+        text=reply.first_text,
+        logprobs=() if reply.first_logprob is None else (reply.first_logprob,),
+        finish_reason=reply.finish_reason,
+        num_prompt_tokens=reply.num_prompt_tokens,
+        num_cached_tokens=reply.num_cached_tokens,
+        num_output_tokens=0 if reply.first_token_id is None else 1,
+        transfer=None,
+    )

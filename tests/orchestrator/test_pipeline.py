@@ -1,0 +1,100 @@
+"""One request through real tiny worker processes: disaggregated and local-prefill routes give
+transformers' tokens; a generation worker killed mid-stream is retried on another, as one stream."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from tandem.orchestrator.cluster import Cluster, WorkerInfo
+from tandem.orchestrator.pipeline import Pipeline, Waterfall
+from tandem.orchestrator.router import KVAwareRouter, RoundRobinRouter
+
+PROMPT = [11, 140, 23, 64, 3, 98, 131, 45, 7, 88, 19, 156, 72, 30]
+PARAMS = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def workers(start_worker, tiny_llama):
+    args = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", "4",
+            "--kv-cache-bytes", str(64 * 2048)]
+    return {
+        "context": start_worker("context", *args, "--worker-id", "ctx-0"),
+        "gen-0": start_worker("generation", *args, "--worker-id", "gen-0"),
+        "gen-1": start_worker("generation", *args, "--worker-id", "gen-1"),
+    }
+
+
+def expected(tiny_llama, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = tiny_llama[1].generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+async def run_request(cluster: Cluster, router, request_id: str, prompt=PROMPT, params=PARAMS, on_delta=None):
+    pipeline = Pipeline(cluster, router, max_retries=1, request_timeout_s=60)
+    waterfall = Waterfall()
+    tokens, deltas = [], []
+    async for delta in pipeline.generate(request_id, prompt, params, waterfall):
+        tokens.extend(delta.token_ids)
+        deltas.append(delta)
+        if on_delta is not None:
+            on_delta(delta)
+    return tokens, deltas, waterfall
+
+
+def make_cluster(workers, names) -> Cluster:
+    cluster = Cluster(block_size=4)
+    for name in names:
+        cluster.add(WorkerInfo.from_ready(workers[name].ready))
+    return cluster
+
+
+def test_disaggregated_and_local_prefill_routes_give_transformers_tokens(workers, tiny_llama) -> None:
+    async def run():
+        cluster = make_cluster(workers, ["context", "gen-0"])
+        try:
+            await cluster.refresh_loads()
+            disaggregated = await run_request(cluster, KVAwareRouter(local_prefill_max_tokens=0), "pipe-1")
+            local = await run_request(cluster, KVAwareRouter(local_prefill_max_tokens=1000), "pipe-2")
+            return disaggregated, local
+        finally:
+            await cluster.close()
+
+    (tokens, deltas, waterfall), (local_tokens, _, local_waterfall) = asyncio.run(run())
+    assert tokens == local_tokens == expected(tiny_llama, PROMPT, 40)
+    assert waterfall.route.context_worker == "ctx-0" and waterfall.route.reason == "disaggregated"
+    assert deltas[0].token_ids and deltas[0].transfer is None  # the first token, straight from the prefill
+    assert deltas[1].transfer is not None and deltas[1].transfer.num_blocks == 4
+    assert waterfall.transfer_bytes > 0 and waterfall.prefill_s > 0
+    assert local_waterfall.route.context_worker is None and local_waterfall.route.reason == "local_prefill"
+    assert deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 40
+
+
+def test_a_generation_worker_killed_mid_stream_is_retried_as_one_stream(workers, tiny_llama) -> None:
+    victim = workers["gen-0"]
+
+    async def run():
+        cluster = make_cluster(workers, ["context", "gen-0", "gen-1"])
+        try:
+            await cluster.refresh_loads()
+            pipeline = Pipeline(cluster, RoundRobinRouter(local_prefill_max_tokens=0), max_retries=1, request_timeout_s=60)
+            waterfall, tokens = Waterfall(), []
+            async for delta in pipeline.generate("pipe-kill", PROMPT, PARAMS, waterfall):
+                tokens.extend(delta.token_ids)
+                if len(tokens) >= 5 and waterfall.attempts == 1:
+                    assert waterfall.route.generation_worker == "gen-0"  # round robin starts there
+                    os.kill(victim.process.pid, signal.SIGKILL)
+                    victim.process.wait(10)
+                    cluster.remove("gen-0")  # as the pools do when they see the actor die
+            return tokens, waterfall
+        finally:
+            await cluster.close()
+
+    tokens, waterfall = asyncio.run(run())
+    assert waterfall.attempts == 2 and waterfall.route.generation_worker == "gen-1"
+    assert "UNAVAILABLE" in waterfall.retries[0]
+    assert tokens == expected(tiny_llama, PROMPT, 40)
