@@ -16,6 +16,8 @@ import grpc
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc
 
+MODEL_INFO_MAX_MESSAGE_BYTES = 64 << 20
+
 RETRIABLE_KEY = "tandem-retriable"  # set by workers/server.py
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -75,7 +77,9 @@ class WorkerClient:
     def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        # GetModelInfo carries the tokenizer files (9 MB for Llama 3), over gRPC's 4 MiB default.
+        options = [("grpc.max_receive_message_length", MODEL_INFO_MAX_MESSAGE_BYTES)]
+        self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = tandem_pb2_grpc.WorkerStub(self._channel)
 
     async def prefill(
@@ -139,6 +143,9 @@ class WorkerClient:
 
     async def stats(self) -> pb.StatsResponse:
         return await self._unary("Stats", self._stub.Stats, pb.StatsRequest(), None)
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._unary("GetModelInfo", self._stub.GetModelInfo, pb.ModelInfoRequest(), None)
 
     async def transfer_metadata(self) -> pb.TransferMetadata:
         return await self._unary("GetTransferMetadata", self._stub.GetTransferMetadata, pb.TransferMetadataRequest(), None)

@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_proto_dot_tandem__pb2.TransferMetadataRequest.SerializeToString,
                 response_deserializer=tandem_dot_proto_dot_tandem__pb2.TransferMetadata.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/tandem.v1.Worker/GetModelInfo',
+                request_serializer=tandem_dot_proto_dot_tandem__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_tandem__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -122,6 +127,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """The served model, its limits and its tokenizer: a router tokenizes once, without the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +171,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetTransferMetadata,
                     request_deserializer=tandem_dot_proto_dot_tandem__pb2.TransferMetadataRequest.FromString,
                     response_serializer=tandem_dot_proto_dot_tandem__pb2.TransferMetadata.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=tandem_dot_proto_dot_tandem__pb2.ModelInfoRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_tandem__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +367,33 @@ class Worker:
             '/tandem.v1.Worker/GetTransferMetadata',
             tandem_dot_proto_dot_tandem__pb2.TransferMetadataRequest.SerializeToString,
             tandem_dot_proto_dot_tandem__pb2.TransferMetadata.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/GetModelInfo',
+            tandem_dot_proto_dot_tandem__pb2.ModelInfoRequest.SerializeToString,
+            tandem_dot_proto_dot_tandem__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from tandem.workers.wire import (
     output_to_chunk,
     sampling_params_from_proto,
 )
-from tandem.workers.worker import API_VERSION, PrefillResult, Role, Worker
+from tandem.workers.worker import API_VERSION, ModelInfo, PrefillResult, Role, Worker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,4 +174,16 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
             kv_events_endpoint=endpoint,
             kv_events_replay_endpoint=replay_endpoint,
             kv_events_topic=topic,
+        )
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        info: ModelInfo = await _answer(context, self.worker.model_info)
+        return pb.ModelInfo(
+            api_version=API_VERSION,
+            model=info.model,
+            max_model_len=info.max_model_len,
+            block_size=info.block_size,
+            eos_token_ids=list(info.eos_token_ids),
+            vocab_size=info.vocab_size,
+            tokenizer_files=info.tokenizer_files,
         )

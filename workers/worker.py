@@ -17,10 +17,12 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from tandem.kvtransfer.events import AllBlocksCleared
 from tandem.kvtransfer.kv_event_stream import KVEventPublisher
@@ -90,6 +92,16 @@ class TransferReport:
     local_block_ids: tuple[int, ...]  # the prompt's blocks on this worker, cached ones included
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model: str
+    max_model_len: int
+    block_size: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    tokenizer_files: dict[str, bytes]  # file name -> content, as save_pretrained writes them; {}: no tokenizer
+
+
 class Worker:
     """The asyncio face of one engine. Start with ``start()`` on the serving event loop."""
 
@@ -129,6 +141,7 @@ class Worker:
         self._transferring: dict[str, bool] = {}  # request id -> abort requested
         self._quarantined: dict[str, tuple[int, ...]] = {}  # transfer tag -> blocks a READ may still write
         self._executor = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_transfers, "tandem-transfer")
+        self._model_info: ModelInfo | None = None
         if publisher is not None:
             engine.pool.subscribe(publisher.sink)
 
@@ -379,6 +392,29 @@ class Worker:
             "num_transferred_bytes": self.num_transferred_bytes,
             "num_prompt_tokens_computed": self.engine.num_prompt_tokens_computed,
         }
+
+    async def model_info(self) -> ModelInfo:
+        """The served model and its tokenizer files, built once (on the engine thread, the
+        tokenizer's only user)."""
+        if self._model_info is None:
+            self._model_info = await self.loop.call(self._model_info_on_engine)
+        return self._model_info
+
+    def _model_info_on_engine(self) -> ModelInfo:
+        engine = self.engine
+        files: dict[str, bytes] = {}
+        if engine.tokenizer is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                engine.tokenizer.save_pretrained(folder)
+                files = {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+        return ModelInfo(
+            model=self.config.model,
+            max_model_len=engine.max_model_len,
+            block_size=engine.kv_cache_spec.block_size,
+            eos_token_ids=tuple(sorted(engine.eos_token_ids)),
+            vocab_size=engine.vocab_size,
+            tokenizer_files=files,
+        )
 
     def _admit(self, call: str, role_serves_it: bool) -> None:
         if not role_serves_it:
