@@ -1,0 +1,258 @@
+"""The REST endpoint: OpenAI's /v1/completions and /v1/chat/completions (streamed over SSE or
+not), /v1/models, /health and /metrics, over the request pipeline.
+
+The app tokenizes and applies the chat template once; workers get token ids. Every client
+error is OpenAI-shaped JSON with a 4xx status (never a 500), and a full house answers 429 with
+Retry-After. A streaming client that disconnects closes the pipeline's stream, which cancels
+the worker calls; the workers abort the request and free its blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tandem.orchestrator.cluster import Cluster
+from tandem.orchestrator.metrics import Metrics
+from tandem.orchestrator.openai_protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    ChatStream,
+    CompletionRequest,
+    CompletionStream,
+    ResponseMeta,
+    chat_logprobs,
+    chat_response,
+    completion_logprobs,
+    completion_response,
+    error_body,
+    format_sse,
+    model_list,
+    new_request_id,
+    parse_request,
+    usage,
+)
+from tandem.orchestrator.pipeline import Pipeline, Waterfall
+from tandem.orchestrator.router import RoutingError
+from tandem.orchestrator.worker_client import GenerateDelta, WorkerCallError
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    model: str
+    max_model_len: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def token_strings(self, ids: list[int]) -> list[str]: ...
+
+
+@dataclass
+class AppState:
+    pipeline: Pipeline
+    cluster: Cluster
+    tokenizer: Tokenizer
+    served_model_name: str
+    max_concurrent_requests: int = 256
+    api_key: str | None = None
+    in_flight: int = 0
+
+
+def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppState], Awaitable[None]]) -> FastAPI:
+    """The app; ``start`` builds its state on the server's event loop (gRPC channels and tasks
+    belong to one loop), ``stop`` tears it down when the server shuts down."""
+    holder: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        holder["state"] = await start()
+        holder["metrics"] = Metrics(holder["state"].cluster)
+        try:
+            yield
+        finally:
+            await stop(holder["state"])
+
+    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+    @app.middleware("http")
+    async def authorize_and_count(request: Request, call_next):
+        state, metrics = holder["state"], holder["metrics"]
+        if state.api_key and request.url.path != "/health":
+            expected = f"Bearer {state.api_key}"
+            if not hmac.compare_digest(request.headers.get("authorization", ""), expected):
+                return await api_error(request, APIError.unauthorized())
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        state = holder["state"]
+        return model_list([state.served_model_name], created=int(time.time()))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        loads = holder["state"].cluster.loads()
+        roles = {load.role for load in loads if load.healthy}
+        ready = "aggregated" in roles or {"context", "generation"} <= roles or "generation" in roles
+        body = {"status": "ok" if ready else "unavailable", "workers": {l.worker_id: l.healthy for l in loads}}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(holder["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        state, metrics = holder["state"], holder["metrics"]
+        body = parse_request(CompletionRequest, await request.body())
+        _check_model(state, body.model)
+        prompt_ids = state.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        params = body.sampling_params()
+        return await _respond(state, metrics, "cmpl", prompt_ids, params, body.stream, body.include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        state, metrics = holder["state"], holder["metrics"]
+        body = parse_request(ChatCompletionRequest, await request.body())
+        _check_model(state, body.model)
+        try:
+            prompt_ids = state.tokenizer.apply_chat_template(body.template_messages())
+        except ValueError as error:
+            raise APIError.invalid_request(str(error), param="messages") from None
+        params = body.sampling_params(default_max_tokens=max(1, state.tokenizer.max_model_len - len(prompt_ids)))
+        return await _respond(state, metrics, "chatcmpl", prompt_ids, params, body.stream, body.include_usage)
+
+    return app
+
+
+def _check_model(state: AppState, model: str | None) -> None:
+    if model is not None and model != state.served_model_name:
+        raise APIError.model_not_found(model)
+
+
+async def _respond(
+    state: AppState, metrics: Metrics, kind: str, prompt_ids: list[int], params: dict[str, Any], stream: bool,
+    include_usage: bool,
+) -> Response:
+    max_len = state.tokenizer.max_model_len
+    if len(prompt_ids) >= max_len:
+        param = "messages" if kind == "chatcmpl" else "prompt"
+        message = f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_len} tokens"
+        raise APIError.invalid_request(message, param=param, code="context_length_exceeded")
+    if not prompt_ids:
+        raise APIError.invalid_request("the prompt is empty", param="prompt")
+    params["max_tokens"] = min(params["max_tokens"], max_len - len(prompt_ids))
+    if state.in_flight >= state.max_concurrent_requests:
+        raise APIError.rate_limited(f"{state.in_flight} requests in flight, the limit is {state.max_concurrent_requests}")
+    meta = ResponseMeta(new_request_id(kind), state.served_model_name, int(time.time()))
+    run = _Run(state, metrics, meta, prompt_ids, params, chat=kind == "chatcmpl")
+    if stream:
+        return StreamingResponse(run.sse(include_usage), media_type="text/event-stream")
+    return JSONResponse(await run.complete())
+
+
+class _Run:
+    """One request's trip through the pipeline, and its accounting."""
+
+    def __init__(self, state: AppState, metrics: Metrics, meta: ResponseMeta, prompt_ids: list[int],
+                 params: dict[str, Any], chat: bool) -> None:
+        self.state, self.metrics, self.meta = state, metrics, meta
+        self.prompt_ids, self.params, self.chat = prompt_ids, params, chat
+        self.waterfall = Waterfall()
+        self.num_output_tokens = 0
+        self.num_cached_tokens = 0
+        self.text_offset = 0
+
+    async def deltas(self) -> AsyncIterator[GenerateDelta]:
+        self.state.in_flight += 1
+        start = last = time.perf_counter()
+        try:
+            async for delta in self.state.pipeline.generate(self.meta.id, self.prompt_ids, self.params, self.waterfall):
+                now = time.perf_counter()
+                if delta.token_ids:
+                    (self.metrics.itl if self.num_output_tokens else self.metrics.ttft).observe(now - last)
+                    last = now
+                self.num_output_tokens = delta.num_output_tokens or self.num_output_tokens
+                self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+                self.metrics.output_tokens.inc(len(delta.token_ids))
+                yield delta
+        except RoutingError as error:
+            raise APIError.server_error(f"no worker can serve this request: {error}", status=503) from None
+        except WorkerCallError as error:
+            if error.code == "INVALID_ARGUMENT":
+                raise APIError.invalid_request(error.message) from None
+            status = 503 if error.retriable else 500
+            raise APIError.server_error(f"the request failed on a worker: {error}", status=status) from None
+        finally:
+            self.state.in_flight -= 1
+            self.metrics.e2e.observe(time.perf_counter() - start)
+            self.metrics.observe_waterfall(self.waterfall)
+
+    def usage(self) -> dict[str, Any]:
+        return usage(len(self.prompt_ids), self.num_output_tokens, self.num_cached_tokens)
+
+    def logprobs(self, delta: GenerateDelta) -> dict[str, Any] | None:
+        if self.params.get("logprobs") is None or not delta.logprobs:
+            return None
+        strings = self.state.tokenizer.token_strings(list(delta.token_ids))
+        values = [lp.logprob for lp in delta.logprobs]
+        tops = [list(zip(self.state.tokenizer.token_strings([t.token_id for t in lp.top]), [t.logprob for t in lp.top]))
+                for lp in delta.logprobs]
+        if self.chat:
+            return chat_logprobs(strings, values, tops)
+        return completion_logprobs(strings, values, tops, self.text_offset)
+
+    async def complete(self) -> dict[str, Any]:
+        text, finish, logprobs = [], "stop", []
+        async for delta in self.deltas():
+            text.append(delta.text)
+            if (lp := self.logprobs(delta)) is not None:
+                logprobs.append(lp)
+            self.text_offset += len(delta.text)
+            finish = _openai_finish(delta.finish_reason) or finish
+        merged = _merge_logprobs(logprobs, self.chat)
+        build = chat_response if self.chat else completion_response
+        return build(self.meta, "".join(text), finish, self.usage(), merged)
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[bytes]:
+        chunks = (ChatStream if self.chat else CompletionStream)(self.meta, include_usage)
+        try:
+            async for delta in self.deltas():
+                finish = _openai_finish(delta.finish_reason)
+                if delta.text or finish or delta.logprobs:
+                    yield format_sse(chunks.chunk(delta.text, logprobs=self.logprobs(delta), finish_reason=finish))
+                self.text_offset += len(delta.text)
+            if include_usage:
+                yield format_sse(chunks.usage_chunk(self.usage()))
+        except APIError as error:  # the status line is sent: the error travels as an event
+            yield format_sse(error_body(error))
+        yield SSE_DONE
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def _merge_logprobs(parts: list[dict[str, Any]], chat: bool) -> dict[str, Any] | None:
+    if not parts:
+        return None
+    if chat:
+        return {"content": [token for part in parts for token in part["content"]]}
+    return {key: [v for part in parts for v in (part[key] or [])] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}

@@ -1,0 +1,149 @@
+"""The REST endpoint in a real uvicorn over real SmolLM2 worker processes (context + generation),
+driven by the official openai client: greedy text equals the offline LLM API's, streamed or not;
+32 concurrent requests finish; bad requests get OpenAI-shaped 4xx answers; /metrics parses."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from tandem.orchestrator.app import AppState, create_app
+from tandem.orchestrator.cluster import Cluster, WorkerInfo
+from tandem.orchestrator.pipeline import Pipeline
+from tandem.orchestrator.router import KVAwareRouter
+from tandem.orchestrator.tokenizer import PromptTokenizer
+from tandem.orchestrator.worker_client import WorkerClient
+from tandem.workers.sampling_params import SamplingParams
+
+KV_CACHE_BYTES = 96 * 737_280  # 96 blocks of 16 tokens of SmolLM2 in float32
+PROMPT = "The capital of France is"
+API_KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def workers(start_worker):
+    args = ["--kv-cache-bytes", str(KV_CACHE_BYTES), "--dtype", "float32", "--device", "cpu"]
+    return [start_worker("context", *args), start_worker("generation", *args)]
+
+
+class Server:
+    """uvicorn on a free port, in a thread, stopped at the end."""
+
+    def __init__(self, app) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.socket.close()
+
+
+@pytest.fixture(scope="module")
+def server(workers):
+    async def start() -> AppState:
+        cluster = Cluster(block_size=16)
+        for worker in workers:
+            cluster.add(WorkerInfo.from_ready(worker.ready))
+        await cluster.refresh_loads()
+        cluster.start()
+        client = WorkerClient(workers[1].address)
+        tokenizer = PromptTokenizer.from_model_info(await client.model_info())
+        await client.close()
+        pipeline = Pipeline(cluster, KVAwareRouter(local_prefill_max_tokens=4), max_retries=1, request_timeout_s=120)
+        return AppState(pipeline, cluster, tokenizer, served_model_name="smollm2", max_concurrent_requests=48,
+                        api_key=API_KEY)
+
+    async def stop(state: AppState) -> None:
+        await state.cluster.close()
+
+    server = Server(create_app(start, stop))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(make_llm):
+    return make_llm()
+
+
+def test_completion_streamed_or_not_equals_the_offline_api(client, offline) -> None:
+    expected = offline.generate(PROMPT, SamplingParams(max_tokens=24))[0]
+    reply = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0)
+    assert reply.choices[0].text == expected.text
+    assert reply.usage.prompt_tokens == expected.num_prompt_tokens and reply.usage.completion_tokens == 24
+    stream = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_streamed_equals_not_streamed_and_the_offline_api(client, offline) -> None:
+    messages = [{"role": "user", "content": "Name a color."}]
+    prompt = offline.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = offline.generate(prompt, SamplingParams(max_tokens=16))[0]
+    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert reply.choices[0].message.content == streamed == expected.text
+
+
+def test_32_concurrent_requests_all_finish(server) -> None:
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300) as aclient:
+            replies = await asyncio.gather(*(
+                aclient.completions.create(model="smollm2", prompt=f"Count to {i}:", max_tokens=8, temperature=0)
+                for i in range(32)
+            ))
+        return [r.choices[0].finish_reason for r in replies]
+
+    assert asyncio.run(run()) == ["length"] * 32
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "smollm2", "prompt": PROMPT, "temperature": 5}, 400, "temperature"),
+    ({"model": "smollm2", "prompt": PROMPT, "n": 2}, 400, "n"),
+    ({"model": "nope", "prompt": PROMPT}, 404, None),
+    ({"model": "smollm2", "prompt": "word " * 3000}, 400, "prompt"),
+    ({"model": "smollm2", "prompt": [10**6]}, 400, None),
+])
+def test_bad_requests_get_openai_errors_and_harm_nothing(server, client, body, status, param) -> None:
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] and (param is None or error["param"] == param)
+    assert client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+def test_malformed_json_missing_key_and_health_metrics(server) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers=auth)
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers=auth).json()["data"][0]["id"] == "smollm2"
+    health = httpx.get(f"{server.url}/health")  # no key needed
+    assert health.status_code == 200 and json.loads(health.text)["status"] == "ok"
+    families = {f.name for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", headers=auth).text)}
+    assert {"tandem_time_to_first_token_seconds", "tandem_kv_transfer_bytes", "tandem_worker_kv_blocks_used"} <= families
