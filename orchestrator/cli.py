@@ -14,6 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_worker(commands)
+    _add_serve(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
@@ -40,6 +41,14 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser("worker", help="run one context, generation or aggregated worker (gRPC, no Ray)")
     add_worker_arguments(worker)
     worker.set_defaults(run=run)
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    from tandem.orchestrator.serve import add_serve_arguments, run
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API over Ray worker pools (default: embedded model, local Ray)")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=run)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from typing import Any
+from dataclasses import dataclass, fields, replace
 
 from tandem.orchestrator.block_index import BlockIndex, KVEventFollower
 from tandem.orchestrator.router import WorkerLoad
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """What a worker's ready line says about it."""
+    """What a worker's ready line says about it (pools/actors and test harnesses alike)."""
 
     worker_id: str
     role: str
@@ -33,10 +34,11 @@ class WorkerInfo:
     kv_events_endpoint: str
     kv_events_replay_endpoint: str
     kv_events_topic: str
+    num_blocks: int
 
     @classmethod
-    def from_ready(cls, ready: dict) -> WorkerInfo:
-        return cls(**{name: ready[name] for name in cls.__dataclass_fields__})
+    def from_ready(cls, ready: dict[str, Any]) -> WorkerInfo:
+        return cls(**{f.name: ready[f.name] for f in fields(cls)})
 
 
 @dataclass(slots=True)

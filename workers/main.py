@@ -5,26 +5,36 @@ and the gRPC server, then prints one JSON line (``{"event": "ready", ...}``) on 
 address, epoch and endpoints, so that whoever started it (a test, Ray, a shell script) knows
 where it listens. SIGTERM or SIGINT stops it: the server finishes in-flight RPCs for a short
 grace period, then NIXL and ZMQ resources are closed.
+
+``start_worker_server`` is all of that but the printing and the signals; the Ray actor
+(ray_actor.py) runs it on a loop of its own.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 logger = logging.getLogger("tandem.worker")
+SERVER_GRACE_S = 2.0  # in-flight RPCs may finish this long after a stop
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=["context", "generation", "aggregated"], default="aggregated")
-    parser.add_argument("--host", default="127.0.0.1", help="interface the gRPC server and KV events bind to")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="interface the gRPC server and KV events bind to; auto: all of them, advertising this node's IP",
+    )
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (printed when ready)")
     parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker (default: --host)")
     parser.add_argument("--worker-id", default=None, help="stable name of this worker (default: role-hostname-port)")
@@ -51,27 +61,89 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def serve(args: argparse.Namespace) -> None:
-    # Heavy imports here, so that `tandem --help` stays fast.
+@dataclass
+class RunningWorker:
+    """A started worker: ``ready`` says where it listens; ``stop`` closes the gRPC server (after a
+    short grace for in-flight RPCs), then the worker, the KV-event publisher and NIXL. Idempotent."""
 
+    ready: dict[str, Any]
+    _resources: contextlib.AsyncExitStack
+
+    async def stop(self) -> None:
+        await self._resources.aclose()
+
+
+def resolve_hosts(args: argparse.Namespace) -> tuple[str, str]:
+    """(host to bind, host peers dial). ``--host auto`` binds every interface and advertises this
+    node's IP (``--advertise-host`` wins over that guess; the Ray actor passes Ray's node IP)."""
+    if args.host == "auto":
+        return "0.0.0.0", args.advertise_host or _node_ip()
+    return args.host, args.advertise_host or args.host
+
+
+async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
+    """Load the model, start the worker and its gRPC server; whatever started is closed again if
+    a later step fails. Heavy imports here, so that `tandem --help` stays fast."""
     from tandem.kvtransfer.kv_event_stream import KVEventPublisher, kv_event_topic
     from tandem.kvtransfer.nixl_transfer import TransferEngine
-    from tandem.models.loader import load_model
     from tandem.proto import tandem_pb2_grpc
-    from tandem.workers.config import CacheConfig, EngineConfig, resolve_device, resolve_dtype
-    from tandem.workers.engine import LLMEngine
-    from tandem.workers.scheduler import SchedulerConfig
     from tandem.workers.server import WorkerService
     from tandem.workers.worker import Role, Worker, WorkerConfig
 
     epoch = time.time_ns() // 1000
-    server = grpc.aio.server()
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    if port == 0:
-        raise SystemExit(f"cannot bind gRPC to {args.host}:{args.port}")
-    advertise_host = args.advertise_host or args.host
-    worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{port}"
-    address = f"{advertise_host}:{port}"
+    bind_host, advertise_host = resolve_hosts(args)
+    async with contextlib.AsyncExitStack() as resources:
+        server = grpc.aio.server()
+        port = server.add_insecure_port(f"{bind_host}:{args.port}")
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {bind_host}:{args.port}")
+        resources.push_async_callback(server.stop, None)  # releases the port if a later step fails
+        worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{port}"
+        address = f"{advertise_host}:{port}"
+        engine, device, model_name = _load_engine(args)
+        transfer = TransferEngine(
+            f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch,
+            num_threads=args.nixl_threads, staging_blocks=_staging_blocks(args, engine, device),
+            **({} if args.stage_min_runs is None else {"stage_min_runs": args.stage_min_runs}),
+        )
+        resources.callback(transfer.close)
+        topic = kv_event_topic(worker_id, epoch, model_name)
+        publisher = KVEventPublisher(
+            f"tcp://{bind_host}:{args.kv_events_port}",
+            replay_endpoint=f"tcp://{bind_host}:{args.kv_events_replay_port}",
+            topic=topic,
+            medium="GPU" if device.type == "cuda" else "CPU",
+        )
+        resources.callback(publisher.close)
+        worker_config = WorkerConfig(
+            role=Role(args.role), worker_id=worker_id, epoch=epoch, address=address, model=model_name,
+            lease_seconds=args.lease_seconds, transfer_timeout_s=args.transfer_timeout,
+        )
+        worker = Worker(engine, worker_config, transfer, publisher)
+        kv_events = (_advertised(publisher.endpoint, advertise_host), _advertised(publisher.replay_endpoint, advertise_host), topic)
+        tandem_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, kv_events), server)
+        worker.start()
+        resources.push_async_callback(worker.stop)
+        await server.start()
+        # Stopping unwinds in reverse: the server first (in-flight RPCs get a grace), then the
+        # worker, the publisher, NIXL; the early server.stop above is then a no-op.
+        resources.push_async_callback(server.stop, SERVER_GRACE_S)
+        ready = {
+            "event": "ready", "role": args.role, "worker_id": worker_id, "epoch": epoch, "address": address,
+            "kv_events_endpoint": kv_events[0], "kv_events_replay_endpoint": kv_events[1], "kv_events_topic": topic,
+            "num_blocks": engine.pool.num_blocks, "device": str(device),
+            "dtype": str(engine.kv_cache_spec.dtype).removeprefix("torch."),
+        }
+        # Started: from here on the resources belong to the RunningWorker, not to this block.
+        return RunningWorker(ready, resources.pop_all())
+
+
+def _load_engine(args: argparse.Namespace):
+    """(LLMEngine, torch.device, model name) for the worker's arguments."""
+    from tandem.models.loader import load_model
+    from tandem.workers.config import CacheConfig, EngineConfig, resolve_device, resolve_dtype
+    from tandem.workers.engine import LLMEngine
+    from tandem.workers.scheduler import SchedulerConfig
 
     config = EngineConfig(
         model=args.model,
@@ -83,67 +155,46 @@ async def serve(args: argparse.Namespace) -> None:
     )
     device = resolve_device(config.device)
     loaded = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device, show_progress=False)
-    engine = LLMEngine(loaded, config, device)
-    staging_blocks = args.staging_blocks
-    if staging_blocks is None:
-        staging_blocks = min(engine.pool.num_blocks // 8, 2048) if device.type == "cuda" else 0
-    transfer = TransferEngine(
-        f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch,
-        num_threads=args.nixl_threads, staging_blocks=staging_blocks,
-        **({} if args.stage_min_runs is None else {"stage_min_runs": args.stage_min_runs}),
-    )
-    topic = kv_event_topic(worker_id, epoch, loaded.source.name)
-    publisher = KVEventPublisher(
-        f"tcp://{args.host}:{args.kv_events_port}",
-        replay_endpoint=f"tcp://{args.host}:{args.kv_events_replay_port}",
-        topic=topic,
-        medium="GPU" if device.type == "cuda" else "CPU",
-    )
-    worker_config = WorkerConfig(
-        role=Role(args.role),
-        worker_id=worker_id,
-        epoch=epoch,
-        address=address,
-        model=loaded.source.name,
-        lease_seconds=args.lease_seconds,
-        transfer_timeout_s=args.transfer_timeout,
-    )
-    worker = Worker(engine, worker_config, transfer, publisher)
-    kv_events = (_advertised(publisher.endpoint, advertise_host), _advertised(publisher.replay_endpoint, advertise_host), topic)
-    tandem_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, kv_events), server)
-    worker.start()
-    await server.start()
+    return LLMEngine(loaded, config, device), device, loaded.source.name
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    ready = {
-        "event": "ready",
-        "role": args.role,
-        "worker_id": worker_id,
-        "epoch": epoch,
-        "address": address,
-        "kv_events_endpoint": kv_events[0],
-        "kv_events_replay_endpoint": kv_events[1],
-        "kv_events_topic": topic,
-        "num_blocks": engine.pool.num_blocks,
-        "device": str(device),
-        "dtype": str(engine.kv_cache_spec.dtype).removeprefix("torch."),
-    }
-    print(json.dumps(ready), flush=True)
-    logger.info("worker %s (%s, epoch %d) serving on %s", worker_id, args.role, epoch, address)
-    await stop.wait()
-    logger.info("stopping worker %s", worker_id)
-    await server.stop(grace=2.0)
-    await worker.stop()
-    publisher.close()
-    transfer.close()
+
+def _staging_blocks(args: argparse.Namespace, engine, device) -> int:
+    if args.staging_blocks is not None:
+        return args.staging_blocks
+    return min(engine.pool.num_blocks // 8, 2048) if device.type == "cuda" else 0
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """The CLI path: start, print the ready line, serve until SIGTERM or SIGINT, stop."""
+    running = await start_worker_server(args)
+    try:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        ready = running.ready
+        print(json.dumps(ready), flush=True)
+        logger.info("worker %s (%s, epoch %d) serving on %s", ready["worker_id"], ready["role"], ready["epoch"], ready["address"])
+        await stop.wait()
+        logger.info("stopping worker %s", ready["worker_id"])
+    finally:
+        await running.stop()
 
 
 def _advertised(endpoint: str, host: str) -> str:
     """A bound endpoint (tcp://0.0.0.0:port) as peers should dial it."""
     port = endpoint.rsplit(":", 1)[-1]
     return f"tcp://{host}:{port}"
+
+
+def _node_ip() -> str:
+    """This host's outward IP: the source address of a route to a public address (a UDP
+    connect sends nothing); the hostname's address where there is no such route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("8.8.8.8", 80))
+            return probe.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
 
 
 def run(args: argparse.Namespace) -> int:

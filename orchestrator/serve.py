@@ -1,0 +1,122 @@
+"""`tandem serve`: Ray worker pools and the REST endpoint, as one command.
+
+With no arguments it starts a local Ray, one context and one generation worker of the embedded
+SmolLM2 on the CPU, and the endpoint on 127.0.0.1:8000; `--config serve.yaml` says otherwise
+(orchestrator/serve_config.py), `--address auto` joins a running Ray cluster. The workers are
+Ray actors (placed by their resources, restarted with a new epoch when they die); requests and
+tokens go to them over gRPC. Ctrl-C stops the server, then the workers, then Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from tandem.orchestrator.serve_config import PoolConfig, ServeConfig, ServeConfigError, load_serve_config
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="serve.yaml (model, pools, router, limits, server)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: start a local Ray")
+    parser.add_argument("--host", default=None, help="override server.host")
+    parser.add_argument("--port", type=int, default=None, help="override server.port")
+    parser.add_argument("--api-key", default=None, help="require this Bearer token (or set server.api_key_env)")
+
+
+def worker_arguments(config: ServeConfig, pool: PoolConfig) -> list[str]:
+    """`tandem worker` arguments for one pool's workers."""
+    args = ["--device", pool.device, "--dtype", pool.dtype, "--block-size", str(pool.block_size)]
+    if config.model:
+        args += ["--model", config.model]
+    if pool.kv_cache_bytes:
+        args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_serve_config(args.config) if args.config else ServeConfig()
+    except ServeConfigError as error:
+        print(f"tandem serve: error: {error}", file=sys.stderr)
+        return 2
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    api_key = args.api_key or (os.environ.get(config.server.api_key_env) if config.server.api_key_env else None)
+    logging.getLogger("tandem").setLevel(logging.INFO)
+
+    import ray
+    import uvicorn
+
+    from tandem.orchestrator.app import AppState, create_app
+
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        pools = None
+
+        async def start() -> AppState:
+            nonlocal pools
+            state, pools = await start_cluster(config, api_key)
+            print(f"Tandem is serving {state.served_model_name} at http://{host}:{port}/v1", flush=True)
+            print(f"  curl http://{host}:{port}/v1/completions -H 'Content-Type: application/json' "
+                  f"-d '{{\"model\": \"{state.served_model_name}\", \"prompt\": \"The capital of France is\", "
+                  f"\"max_tokens\": 16, \"temperature\": 0}}'", flush=True)
+            return state
+
+        async def stop(state: AppState) -> None:
+            print("Stopping the workers...", flush=True)
+            if pools is not None:
+                await pools.stop()
+            await state.cluster.close()
+
+        server = uvicorn.Server(uvicorn.Config(create_app(start, stop), host=host, port=port, log_level="warning"))
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
+            pass
+    finally:
+        ray.shutdown()
+    print("Stopped.", flush=True)
+    return 0
+
+
+async def start_cluster(config: ServeConfig, api_key: str | None):
+    """Start the pools, follow their workers, and build the app's state. Returns (state, pools)."""
+    import ray
+
+    from tandem.orchestrator.app import AppState
+    from tandem.orchestrator.cluster import Cluster
+    from tandem.orchestrator.pipeline import Pipeline
+    from tandem.orchestrator.pools import PoolSpec, WorkerPools
+    from tandem.orchestrator.router import make_router
+    from tandem.orchestrator.tokenizer import PromptTokenizer
+
+    active = config.active_pools()
+    block_size = next(iter(active.values())).block_size
+    cluster = Cluster(block_size)
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    specs = [
+        PoolSpec(role, pool.count, worker_arguments(config, pool), num_cpus=pool.num_cpus,
+                 num_gpus=pool.num_gpus if pool.num_gpus is not None else (pool.tp_size if has_gpus else 0),
+                 resources=dict(pool.resources))
+        for role, pool in active.items()
+    ]
+    pools = WorkerPools(specs, on_up=cluster.add, on_down=cluster.remove)
+    started = time.monotonic()
+    print(f"Starting {sum(s.count for s in specs)} workers ({', '.join(f'{s.count} {s.role}' for s in specs)}); "
+          "loading the model...", flush=True)
+    infos = await pools.start()
+    print(f"Workers ready in {time.monotonic() - started:.0f} s", flush=True)
+    await cluster.refresh_loads()
+    cluster.start()
+    tokenizer = PromptTokenizer.from_model_info(await cluster.client(infos[0].worker_id).model_info())
+    router = make_router(config.router.policy, config.router.local_prefill_max_tokens)
+    pipeline = Pipeline(cluster, router, max_retries=config.router.max_retries,
+                        request_timeout_s=config.limits.request_timeout_s)
+    name = config.served_model_name or tokenizer.model
+    state = AppState(pipeline, cluster, tokenizer, served_model_name=name,
+                     max_concurrent_requests=config.limits.max_concurrent_requests, api_key=api_key)
+    return state, pools
