@@ -9,10 +9,10 @@ cancels the worker calls, and the workers abort the request and free its blocks.
 """
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +42,7 @@ class Pipeline:
         self.router = router
         self.max_retries = max_retries
         self.request_timeout_s = request_timeout_s
+        self._background: set[asyncio.Future] = set()
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: Mapping[str, Any], waterfall: Waterfall | None = None
@@ -103,8 +104,19 @@ class Pipeline:
                 yield delta
         finally:
             if not streamed:  # the KV was never read: unpin it now rather than at lease expiry
-                with contextlib.suppress(Exception):
-                    await context.release(reply.handle)
+                self._in_background(context.release(reply.handle))
+
+    def _in_background(self, call: Awaitable[object]) -> None:
+        """Run a best-effort call to its end even when the request's task is being cancelled (a
+        client that disconnected cancels it, and every await in its cleanup with it)."""
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._finish_background)
+
+    def _finish_background(self, task: asyncio.Future) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background worker call failed: %s", task.exception())
 
 
 def _first_delta(reply: PrefillReply) -> GenerateDelta:

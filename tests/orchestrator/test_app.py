@@ -147,3 +147,19 @@ def test_malformed_json_missing_key_and_health_metrics(server) -> None:
     assert health.status_code == 200 and json.loads(health.text)["status"] == "ok"
     families = {f.name for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", headers=auth).text)}
     assert {"tandem_time_to_first_token_seconds", "tandem_kv_transfer_bytes", "tandem_worker_kv_blocks_used"} <= families
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_blocks_on_both_workers(server, workers) -> None:
+    body = {"model": "smollm2", "prompt": PROMPT * 8, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as reply:
+        events = reply.iter_lines()
+        assert next(line for line in events if line.startswith("data: "))  # tokens are flowing
+    # Closing the stream cancels the pipeline, whose worker calls end; the workers abort.
+    deadline = time.monotonic() + 20
+    while True:
+        stats = [worker.stats() for worker in workers]
+        if all(s.num_running == 0 and s.num_leases == 0 and s.num_free_blocks == s.num_total_blocks for s in stats):
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)

@@ -23,6 +23,7 @@ def workers(start_worker, tiny_llama):
             "--kv-cache-bytes", str(64 * 2048)]
     return {
         "context": start_worker("context", *args, "--worker-id", "ctx-0"),
+        "context-1": start_worker("context", *args, "--worker-id", "ctx-1"),
         "gen-0": start_worker("generation", *args, "--worker-id", "gen-0"),
         "gen-1": start_worker("generation", *args, "--worker-id", "gen-1"),
     }
@@ -72,6 +73,37 @@ def test_disaggregated_and_local_prefill_routes_give_transformers_tokens(workers
     assert waterfall.transfer_bytes > 0 and waterfall.prefill_s > 0
     assert local_waterfall.route.context_worker is None and local_waterfall.route.reason == "local_prefill"
     assert deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 40
+
+
+def test_a_repeated_prefix_goes_to_the_context_worker_that_holds_it(workers, tiny_llama) -> None:
+    """ctx-1 computes the prefix first; a later orchestrator, which learns it from ctx-1's KV
+    events (replayed when it starts following), sends the repeat there although a tie would pick
+    ctx-0."""
+    prefix = [7, 21, 130, 4, 99, 62, 150, 33, 18, 76, 5, 140]  # three full blocks
+
+    async def first_on_ctx1() -> None:
+        cluster = make_cluster(workers, ["context-1", "gen-0"])
+        try:
+            await run_request(cluster, KVAwareRouter(local_prefill_max_tokens=0), "prefix-a", prefix + [1, 2])
+        finally:
+            await cluster.close()
+
+    async def repeat():
+        cluster = make_cluster(workers, ["context", "context-1", "gen-0"])
+        try:
+            await cluster.refresh_loads()
+            for _ in range(300):
+                if cluster.cached_blocks(prefix).get("ctx-1") == 3:
+                    break
+                await asyncio.sleep(0.01)
+            return await run_request(cluster, KVAwareRouter(local_prefill_max_tokens=0), "prefix-b", prefix + [9, 9, 9])
+        finally:
+            await cluster.close()
+
+    asyncio.run(first_on_ctx1())
+    tokens, _, waterfall = asyncio.run(repeat())
+    assert waterfall.route.context_worker == "ctx-1" and waterfall.route.cached_tokens_on_context == 12
+    assert tokens == expected(tiny_llama, prefix + [9, 9, 9], 40)
 
 
 def test_a_generation_worker_killed_mid_stream_is_retried_as_one_stream(workers, tiny_llama) -> None:
