@@ -42,146 +42,32 @@ in flight makes that read fail with TransferError. ``close`` must not race with 
 from __future__ import annotations
 
 import itertools
-import operator
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
-from tandem.kvtransfer.staging import StagingArena
+from tandem.kvtransfer.block_runs import checked_ids, coalesce_runs, num_runs
+from tandem.kvtransfer.staging import StagingArena, gather_into_slots, scatter_from_slots
+from tandem.kvtransfer.transfer_types import (  # noqa: F401  (re-exported: the transfer API)
+    PeerMetadata,
+    StalePeerError,
+    TransferError,
+    TransferStats,
+    TransferTimeout,
+)
 
 # Stage when a block list has more runs than this: on GPUs a descriptor costs ~6 us, a staging
 # copy of a few MiB about 10-20 us of launches and HBM traffic; measured on two H200s, staging
 # beats direct descriptors from about 32 scattered blocks on (docs/performance.md).
 STAGE_MIN_RUNS = 32
 PROGRESS_INTERVAL_S = 2e-3
-_NUMPY_FROM = 256
 _SPIN_S = 200e-6  # poll without sleeping this long: a sleep costs ~60 us more than asked
 _MIN_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
-
-
-@dataclass(frozen=True, slots=True)
-class PeerMetadata:
-    """What a peer needs to READ our KV blocks; plain fields so it can travel over gRPC."""
-
-    worker_id: str
-    epoch: int
-    agent_name: str
-    agent_metadata: bytes  # nixl get_agent_metadata()
-    base_address: int  # kv_cache.data_ptr()
-    bytes_per_block: int
-    num_blocks: int
-    memory_type: str  # "DRAM" or "VRAM"
-    device_id: int
-    staging_address: int = 0  # the owner's staging slots (kvtransfer/staging.py); 0: none
-    staging_slots: int = 0
-
-
-class TransferError(RuntimeError):
-    """A read failed. ``local_blocks_reusable`` is False when the read may still write them later."""
-
-    def __init__(
-        self, message: str, *, worker_id: str, epoch: int, tag: str = "",
-        retriable: bool, local_blocks_reusable: bool,
-    ) -> None:
-        super().__init__(message)
-        self.worker_id = worker_id
-        self.epoch = epoch
-        self.tag = tag
-        self.retriable = retriable
-        self.local_blocks_reusable = local_blocks_reusable
-
-
-class TransferTimeout(TransferError):
-    """The deadline passed before the read finished."""
-
-
-class StalePeerError(TransferError):
-    """The peer is unknown, or known under another epoch than the one asked for."""
-
-
-@dataclass(frozen=True, slots=True)
-class TransferStats:
-    """One finished read; seconds is the wall time of the whole read_blocks call."""
-
-    num_blocks: int
-    num_descriptors: int
-    num_bytes: int
-    seconds: float
-
-
-def coalesce_runs(remote_ids: Sequence[int], local_ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(remote_start, local_start, length) runs where both ids step by one.
-
-    Pairs are sorted by remote id first (the order of pairs does not matter to a transfer), so
-    ``remote [5, 4] -> local [1, 0]`` is one run ``(4, 0, 2)``. A Python loop for short lists,
-    numpy from ``_NUMPY_FROM`` ids on: each is the faster there (a few us against ~1 ms at 4096).
-    """
-    if len(remote_ids) != len(local_ids):
-        raise ValueError(f"{len(remote_ids)} remote ids but {len(local_ids)} local ids")
-    if len(remote_ids) >= _NUMPY_FROM:
-        remote, local = np.asarray(remote_ids, dtype=np.int64), np.asarray(local_ids, dtype=np.int64)
-        order = np.argsort(remote, kind="stable")
-        remote, local = remote[order], local[order]
-        starts = np.flatnonzero(np.concatenate(([True], (np.diff(remote) != 1) | (np.diff(local) != 1))))
-        lengths = np.diff(np.append(starts, len(remote)))
-        return list(zip(remote[starts].tolist(), local[starts].tolist(), lengths.tolist()))
-    runs: list[list[int]] = []
-    for remote, local in sorted(zip(remote_ids, local_ids)):
-        last = runs[-1] if runs else None
-        if last is not None and remote == last[0] + last[2] and local == last[1] + last[2]:
-            last[2] += 1
-        else:
-            runs.append([remote, local, 1])
-    return [(r, l, n) for r, l, n in runs]
-
-
-def _num_runs(ids: Sequence[int]) -> int:
-    """Runs of consecutive ids, in list order (staging keeps the order)."""
-    return sum(1 for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1] + 1)
-
-
-def _gather(slots: torch.Tensor, rows: torch.Tensor, block_ids: Sequence[int]) -> None:
-    """slots[i] = rows[block_ids[i]], landed when it returns (NIXL copies on its own CUDA streams)."""
-    if rows.is_cuda:
-        index = torch.tensor(list(block_ids), dtype=torch.long, device=rows.device)
-        torch.index_select(_words(rows), 0, index, out=_words(slots))
-        torch.cuda.current_stream(rows.device).synchronize()
-    else:  # torch's CPU index_select crawls over rows this long (ms for one 360 KiB row)
-        for slot, block_id in enumerate(block_ids):
-            slots[slot].copy_(rows[block_id])
-
-
-def _scatter(rows: torch.Tensor, block_ids: Sequence[int], slots: torch.Tensor) -> None:
-    """rows[block_ids[i]] = slots[i], landed when it returns."""
-    if rows.is_cuda:
-        index = torch.tensor(list(block_ids), dtype=torch.long, device=rows.device)
-        _words(rows).index_copy_(0, index, _words(slots))
-        torch.cuda.current_stream(rows.device).synchronize()
-    else:
-        for slot, block_id in enumerate(block_ids):
-            rows[block_id].copy_(slots[slot])
-
-
-def _words(rows: torch.Tensor) -> torch.Tensor:
-    """Byte rows as 8-byte words where the size allows: GPU gather kernels move elements, and
-    eight times fewer of them is that much faster."""
-    return rows.view(torch.int64) if rows.shape[-1] % 8 == 0 else rows
-
-
-def _check_ids(ids: Sequence[int], num_blocks: int, side: str) -> list[int]:
-    try:
-        ids = [operator.index(i) for i in ids]
-    except TypeError:
-        raise ValueError(f"{side} block ids must be integers") from None
-    if min(ids) < 0 or max(ids) >= num_blocks:
-        raise ValueError(f"{side} block ids must be in [0, {num_blocks}), got {min(ids)}..{max(ids)}")
-    return ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,12 +181,12 @@ class TransferEngine:
         """Owner side: gather blocks into adjacent staging slots when they are scattered enough for
         one descriptor to beat many; returns the first slot (block_ids[i] is at slot + i), or None
         (no staging, too few runs to pay, or no room) and the blocks are read where they are."""
-        if self._arena is None or _num_runs(block_ids) <= self.stage_min_runs:
+        if self._arena is None or num_runs(block_ids) <= self.stage_min_runs:
             return None
         slot = self._arena.allocate(len(block_ids))
         if slot is None:
             return None
-        _gather(self._arena.buffer[slot : slot + len(block_ids)], self._block_rows, block_ids)
+        gather_into_slots(self._arena.buffer[slot : slot + len(block_ids)], self._block_rows, block_ids)
         return slot
 
     def unstage(self, slot: int, count: int) -> None:
@@ -333,7 +219,7 @@ class TransferEngine:
                 raise ValueError(f"staging slots {remote_staged_at}+{count} out of the {peer.meta.staging_slots} of {worker_id}")
             remote_region = (peer.meta.staging_address, list(range(remote_staged_at, remote_staged_at + count)))
         local_slot = None
-        if remote_staged_at is not None and self._arena is not None and _num_runs(local_ids) > self.stage_min_runs:
+        if remote_staged_at is not None and self._arena is not None and num_runs(local_ids) > self.stage_min_runs:
             local_slot = self._arena.allocate(count)  # None: no room, READ straight into the blocks
         local_region = (self._metadata.base_address, local_ids)
         if local_slot is not None:
@@ -347,7 +233,7 @@ class TransferEngine:
                 error.local_blocks_reusable = True  # a late write lands in staging slots, not in the blocks
             raise
         if local_slot is not None:
-            _scatter(self._block_rows, local_ids, self._arena.buffer[local_slot : local_slot + count])
+            scatter_from_slots(self._block_rows, local_ids, self._arena.buffer[local_slot : local_slot + count])
             self._arena.free(local_slot, count)
         return TransferStats(count, num_descriptors, count * self.bytes_per_block, time.perf_counter() - start)
 
@@ -484,8 +370,8 @@ class TransferEngine:
             raise ValueError(
                 f"peer {peer.worker_id} has {peer.bytes_per_block} bytes per block, we have {self.bytes_per_block}"
             )
-        remote_ids = _check_ids(remote_block_ids, peer.num_blocks, f"remote ({peer.worker_id})")
-        local_ids = _check_ids(local_block_ids, self.num_blocks, "local")
+        remote_ids = checked_ids(remote_block_ids, peer.num_blocks, f"remote ({peer.worker_id})")
+        local_ids = checked_ids(local_block_ids, self.num_blocks, "local")
         if len(set(local_ids)) != len(local_ids):
             raise ValueError("local block ids must be distinct")
         return remote_ids, local_ids

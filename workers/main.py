@@ -88,7 +88,8 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
     from tandem.kvtransfer.nixl_transfer import TransferEngine
     from tandem.proto import tandem_pb2_grpc
     from tandem.workers.server import WorkerService
-    from tandem.workers.worker import Role, Worker, WorkerConfig
+    from tandem.workers.worker import Worker
+    from tandem.workers.worker_types import Role, WorkerConfig
 
     epoch = time.time_ns() // 1000
     bind_host, advertise_host = resolve_hosts(args)

@@ -26,7 +26,8 @@ from tandem.workers.wire import (
     output_to_chunk,
     sampling_params_from_proto,
 )
-from tandem.workers.worker import API_VERSION, ModelInfo, PrefillResult, Role, Worker
+from tandem.workers.worker import API_VERSION, Worker
+from tandem.workers.worker_types import ModelInfo, PrefillResult, Role
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

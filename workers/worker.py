@@ -15,26 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from tandem.kvtransfer.events import AllBlocksCleared
 from tandem.kvtransfer.kv_event_stream import KVEventPublisher
-from tandem.kvtransfer.leases import KVHandle, LeaseTable, StaleHandleError, TransferMode
-from tandem.kvtransfer.nixl_transfer import PeerMetadata, TransferEngine, TransferError, TransferStats
+from tandem.kvtransfer.leases import KVHandle, LeaseTable, TransferMode
+from tandem.kvtransfer.nixl_transfer import TransferEngine, TransferError, TransferStats
 from tandem.workers.engine import LLMEngine, RequestOutput
 from tandem.workers.engine_loop import EngineLoop
 from tandem.workers.errors import (
     DrainingError,
     InvalidRequestError,
     LeaseExpiredError,
-    PairingError,
     PeerUnavailableError,
     WrongRoleError,
 )
@@ -43,63 +40,12 @@ from tandem.workers.pairing import PairingInfo
 from tandem.workers.peers import PeerClients
 from tandem.workers.sampling_params import SamplingParams
 from tandem.workers.sequence import FinishReason
+from tandem.workers.worker_types import ModelInfo, PrefillResult, TransferReport, WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = 1
 ACK_PREFIX = b"tandem-ack:"  # NIXL notification a reader sends the owner when its READ is done
-
-
-class Role(enum.Enum):
-    CONTEXT = "context"
-    GENERATION = "generation"
-    AGGREGATED = "aggregated"
-
-    @property
-    def serves_prefill(self) -> bool:
-        return self is not Role.GENERATION
-
-    @property
-    def serves_generate(self) -> bool:
-        return self is not Role.CONTEXT
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    role: Role
-    worker_id: str
-    epoch: int  # changes on every start: handles, leases and events of an old epoch are refused
-    address: str  # the gRPC target peers and routers use to reach this worker
-    model: str  # served model name; must match for two workers to pair
-    lease_seconds: float = 30.0
-    lease_margin_s: float = 0.5
-    transfer_timeout_s: float = 10.0
-    peer_timeout_s: float = 5.0
-    max_concurrent_transfers: int = 16
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillResult:
-    output: RequestOutput  # the first token, or the final output when it finished the request
-    handle: KVHandle | None
-
-
-@dataclass(frozen=True, slots=True)
-class TransferReport:
-    num_blocks: int
-    num_cached_blocks: int
-    stats: TransferStats
-    local_block_ids: tuple[int, ...]  # the prompt's blocks on this worker, cached ones included
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    model: str
-    max_model_len: int
-    block_size: int
-    eos_token_ids: tuple[int, ...]
-    vocab_size: int
-    tokenizer_files: dict[str, bytes]  # file name -> content, as save_pretrained writes them; {}: no tokenizer
 
 
 class Worker:
@@ -278,31 +224,9 @@ class Worker:
 
     async def _pair_with(self, handle: KVHandle) -> None:
         """Make sure the handle's owner is a known, compatible NIXL peer of its current epoch."""
-        if self.transfer.has_peer(handle.worker_id, handle.epoch):
-            return
-        meta = await self.peers.transfer_metadata(handle.address, self.config.peer_timeout_s)
-        if meta.worker_id != handle.worker_id or meta.epoch != handle.epoch:
-            raise StaleHandleError(
-                f"handle {handle.handle_id} names worker {handle.worker_id!r} epoch {handle.epoch}, but"
-                f" {handle.address} is worker {meta.worker_id!r} epoch {meta.epoch}: it restarted, the blocks are gone"
-            )
-        theirs = PairingInfo(
-            model=meta.model, block_size=meta.block_size, kv_dtype=meta.kv_dtype, num_layers=meta.num_layers,
-            num_kv_heads=meta.num_kv_heads, head_dim=meta.head_dim, kv_layout=meta.kv_layout,
-        )
-        if differences := self.pairing.mismatches(theirs):
-            raise PairingError(
-                f"worker {self.config.worker_id!r} cannot read KV from {meta.worker_id!r}: " + "; ".join(differences)
-            )
-        self.transfer.add_peer(
-            PeerMetadata(
-                worker_id=meta.worker_id, epoch=meta.epoch, agent_name=meta.agent_name,
-                agent_metadata=meta.agent_metadata, base_address=meta.base_address,
-                bytes_per_block=meta.bytes_per_block, num_blocks=meta.num_blocks,
-                memory_type=meta.memory_type, device_id=meta.device_id,
-                staging_address=meta.staging_address, staging_slots=meta.staging_slots,
-            )
-        )
+        if not self.transfer.has_peer(handle.worker_id, handle.epoch):
+            peer = await self.peers.paired_peer(handle, self.pairing, self.config.worker_id, self.config.peer_timeout_s)
+            self.transfer.add_peer(peer)
 
     async def _release_quietly(self, handle: KVHandle) -> None:
         try:

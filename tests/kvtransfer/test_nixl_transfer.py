@@ -14,6 +14,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from tandem.kvtransfer.block_runs import coalesce_runs
 from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache
 from tandem.kvtransfer.nixl_transfer import (
     PeerMetadata,
@@ -21,7 +22,6 @@ from tandem.kvtransfer.nixl_transfer import (
     TransferEngine,
     TransferError,
     TransferTimeout,
-    coalesce_runs,
 )
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
