@@ -85,17 +85,11 @@ class Cluster:
     def client(self, worker_id: str) -> WorkerClient:
         return self._members[worker_id].client
 
-    def info(self, worker_id: str) -> WorkerInfo:
-        return self._members[worker_id].info
-
     def loads(self) -> list[WorkerLoad]:
         return [
             replace(m.load, queued_prefill_tokens=m.load.queued_prefill_tokens + m.prefill_tokens_in_flight)
             for m in self._members.values()
         ]
-
-    def infos(self) -> list[WorkerInfo]:
-        return [m.info for m in self._members.values()]
 
     def cached_blocks(self, token_ids: list[int]) -> dict[str, int]:
         return self.index.cached_prefix_blocks(token_ids)

@@ -45,28 +45,6 @@ def sampling_params_from_proto(params: pb.SamplingParams, request_id: str) -> Sa
         raise InvalidRequestError(str(error), field=error.field, request_id=request_id) from None
 
 
-def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    message = pb.SamplingParams(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        stop=list(params.stop),
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        skip_special_tokens=params.skip_special_tokens,
-    )
-    if params.seed is not None:
-        message.seed = params.seed
-    if params.logprobs is not None:
-        message.logprobs = params.logprobs
-    return message
-
-
 def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
     return pb.KVHandle(
         handle_id=handle.handle_id,
