@@ -65,7 +65,13 @@ class AppState:
     served_model_name: str
     max_concurrent_requests: int = 256
     api_key: str | None = None
+    max_model_len: int | None = None  # limits.max_model_len; None: the model's (and KV cache's) own
     in_flight: int = 0
+
+    @property
+    def context_len(self) -> int:
+        limit = self.tokenizer.max_model_len
+        return min(limit, self.max_model_len) if self.max_model_len else limit
 
 
 def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppState], Awaitable[None]]) -> FastAPI:
@@ -136,7 +142,7 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
             prompt_ids = state.tokenizer.apply_chat_template(body.template_messages())
         except ValueError as error:
             raise APIError.invalid_request(str(error), param="messages") from None
-        params = body.sampling_params(default_max_tokens=max(1, state.tokenizer.max_model_len - len(prompt_ids)))
+        params = body.sampling_params(default_max_tokens=max(1, state.context_len - len(prompt_ids)))
         return await _respond(state, metrics, "chatcmpl", prompt_ids, params, body.stream, body.include_usage)
 
     return app
@@ -151,7 +157,7 @@ async def _respond(
     state: AppState, metrics: Metrics, kind: str, prompt_ids: list[int], params: dict[str, Any], stream: bool,
     include_usage: bool,
 ) -> Response:
-    max_len = state.tokenizer.max_model_len
+    max_len = state.context_len
     if len(prompt_ids) >= max_len:
         param = "messages" if kind == "chatcmpl" else "prompt"
         message = f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_len} tokens"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields, replace
 from tandem.orchestrator.block_index import BlockIndex, KVEventFollower
 from tandem.orchestrator.router import WorkerLoad
 from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
+from tandem.proto import tandem_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Member:
     client: WorkerClient
     load: WorkerLoad
     prefill_tokens_in_flight: int = 0
+    stats: pb.StatsResponse | None = None  # the last answer, for the per-worker metrics
 
 
 class Cluster:
@@ -91,6 +93,9 @@ class Cluster:
             for m in self._members.values()
         ]
 
+    def last_stats(self) -> list[pb.StatsResponse]:
+        return [m.stats for m in self._members.values() if m.stats is not None]
+
     def cached_blocks(self, token_ids: list[int]) -> dict[str, int]:
         return self.index.cached_prefix_blocks(token_ids)
 
@@ -130,6 +135,7 @@ class Cluster:
                 continue
             if isinstance(stats, BaseException):
                 raise stats
+            member.stats = stats
             member.load = WorkerLoad(
                 worker_id=member.info.worker_id,
                 role=member.info.role,

@@ -7,7 +7,7 @@ do not collide.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.orchestrator.cluster import Cluster
 from tandem.orchestrator.pipeline import Waterfall
@@ -59,4 +59,9 @@ class _WorkerCollector:
             total.add_metric(labels, load.num_total_blocks)
             running.add_metric(labels, load.num_running)
             healthy.add_metric(labels, 1.0 if load.healthy else 0.0)
-        yield from (used, total, running, healthy)
+        expired = CounterMetricFamily("tandem_worker_leases_expired", "KV leases that expired unacknowledged", labels=["worker"])
+        moved = CounterMetricFamily("tandem_worker_kv_received_bytes", "KV bytes a worker READ from others", labels=["worker"])
+        for stats in self.cluster.last_stats():
+            expired.add_metric([stats.worker_id], stats.num_leases_expired)
+            moved.add_metric([stats.worker_id], stats.num_transferred_bytes)
+        yield from (used, total, running, healthy, expired, moved)

@@ -118,5 +118,6 @@ async def start_cluster(config: ServeConfig, api_key: str | None):
                         request_timeout_s=config.limits.request_timeout_s)
     name = config.served_model_name or tokenizer.model
     state = AppState(pipeline, cluster, tokenizer, served_model_name=name,
-                     max_concurrent_requests=config.limits.max_concurrent_requests, api_key=api_key)
+                     max_concurrent_requests=config.limits.max_concurrent_requests, api_key=api_key,
+                     max_model_len=config.limits.max_model_len)
     return state, pools

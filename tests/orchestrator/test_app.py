@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.orchestrator.app import AppState, create_app
@@ -22,6 +19,7 @@ from tandem.orchestrator.router import KVAwareRouter
 from tandem.orchestrator.tokenizer import PromptTokenizer
 from tandem.orchestrator.worker_client import WorkerClient
 from tandem.workers.sampling_params import SamplingParams
+from worker_rpc import Server
 
 KV_CACHE_BYTES = 96 * 737_280  # 96 blocks of 16 tokens of SmolLM2 in float32
 PROMPT = "The capital of France is"
@@ -32,27 +30,6 @@ API_KEY = "sk-test"
 def workers(start_worker):
     args = ["--kv-cache-bytes", str(KV_CACHE_BYTES), "--dtype", "float32", "--device", "cpu"]
     return [start_worker("context", *args), start_worker("generation", *args)]
-
-
-class Server:
-    """uvicorn on a free port, in a thread, stopped at the end."""
-
-    def __init__(self, app) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +123,8 @@ def test_malformed_json_missing_key_and_health_metrics(server) -> None:
     health = httpx.get(f"{server.url}/health")  # no key needed
     assert health.status_code == 200 and json.loads(health.text)["status"] == "ok"
     families = {f.name for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", headers=auth).text)}
-    assert {"tandem_time_to_first_token_seconds", "tandem_kv_transfer_bytes", "tandem_worker_kv_blocks_used"} <= families
+    assert {"tandem_time_to_first_token_seconds", "tandem_kv_transfer_bytes", "tandem_worker_kv_blocks_used",
+            "tandem_worker_leases_expired"} <= families
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_blocks_on_both_workers(server, workers) -> None:
