@@ -15,6 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_generate(commands)
     _add_worker(commands)
     _add_serve(commands)
+    _add_bench(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
@@ -49,6 +50,14 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="serve the OpenAI API over Ray worker pools (default: embedded model, local Ray)")
     add_serve_arguments(serve)
     serve.set_defaults(run=run)
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    from tandem.orchestrator.bench import add_bench_arguments, run  # httpx only
+
+    bench = commands.add_parser("bench", help="load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=run)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -1,10 +1,14 @@
-"""Client helpers shared by the tests that drive worker processes over gRPC."""
+"""Client helpers shared by the tests that drive worker processes over gRPC, and the uvicorn
+thread that serves the orchestrator app over them."""
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
+import uvicorn
 
 from tandem.proto import tandem_pb2 as pb
 
@@ -56,3 +60,24 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def pool_full(worker) -> bool:
     stats = worker.stats()
     return stats.num_free_blocks == stats.num_total_blocks
+
+
+class Server:
+    """uvicorn on a free port, in a thread, stopped at the end."""
+
+    def __init__(self, app) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.socket.close()
