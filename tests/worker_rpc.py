@@ -81,3 +81,28 @@ class Server:
         self.server.should_exit = True
         self.thread.join(30)
         self.socket.close()
+
+
+def app_over_workers(workers, api_key: str | None, **state: object):
+    """The REST app over already running worker processes (the last one hands out the tokenizer),
+    built on the server's own event loop as `tandem serve` builds it, without Ray."""
+    from tandem.orchestrator.app import AppState, create_app
+    from tandem.orchestrator.cluster import Cluster, WorkerInfo
+    from tandem.orchestrator.pipeline import Pipeline
+    from tandem.orchestrator.router import KVAwareRouter
+    from tandem.orchestrator.tokenizer import PromptTokenizer
+
+    async def start() -> AppState:
+        cluster = Cluster(block_size=16)
+        for worker in workers:
+            cluster.add(WorkerInfo.from_ready(worker.ready))
+        await cluster.refresh_loads()
+        cluster.start()
+        tokenizer = PromptTokenizer.from_model_info(await cluster.client(workers[-1].ready["worker_id"]).model_info())
+        pipeline = Pipeline(cluster, KVAwareRouter(local_prefill_max_tokens=4), max_retries=1, request_timeout_s=120)
+        return AppState(pipeline, cluster, tokenizer, served_model_name="smollm2", api_key=api_key, **state)
+
+    async def stop(state: AppState) -> None:
+        await state.cluster.close()
+
+    return create_app(start, stop)

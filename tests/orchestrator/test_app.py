@@ -12,14 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.orchestrator.app import AppState, create_app
-from tandem.orchestrator.cluster import Cluster, WorkerInfo
-from tandem.orchestrator.pipeline import Pipeline
-from tandem.orchestrator.router import KVAwareRouter
-from tandem.orchestrator.tokenizer import PromptTokenizer
-from tandem.orchestrator.worker_client import WorkerClient
 from tandem.workers.sampling_params import SamplingParams
-from worker_rpc import Server
+from worker_rpc import Server, app_over_workers
 
 KV_CACHE_BYTES = 96 * 737_280  # 96 blocks of 16 tokens of SmolLM2 in float32
 PROMPT = "The capital of France is"
@@ -34,23 +28,7 @@ def workers(start_worker):
 
 @pytest.fixture(scope="module")
 def server(workers):
-    async def start() -> AppState:
-        cluster = Cluster(block_size=16)
-        for worker in workers:
-            cluster.add(WorkerInfo.from_ready(worker.ready))
-        await cluster.refresh_loads()
-        cluster.start()
-        client = WorkerClient(workers[1].address)
-        tokenizer = PromptTokenizer.from_model_info(await client.model_info())
-        await client.close()
-        pipeline = Pipeline(cluster, KVAwareRouter(local_prefill_max_tokens=4), max_retries=1, request_timeout_s=120)
-        return AppState(pipeline, cluster, tokenizer, served_model_name="smollm2", max_concurrent_requests=48,
-                        api_key=API_KEY)
-
-    async def stop(state: AppState) -> None:
-        await state.cluster.close()
-
-    server = Server(create_app(start, stop))
+    server = Server(app_over_workers(workers, API_KEY, max_concurrent_requests=48))
     yield server
     server.stop()
 

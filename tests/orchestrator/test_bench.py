@@ -10,17 +10,11 @@ import random
 import numpy as np
 import pytest
 
-from tandem.orchestrator.app import AppState, create_app
 from tandem.orchestrator.bench import (
     BenchConfig, BenchError, Endpoint, Load, Workload, format_report, load_prompts, run_bench, save_json,
 )
 from tandem.orchestrator.bench_stats import RequestRecord, Slo, goodput, percentile, summarize_ms
-from tandem.orchestrator.cluster import Cluster, WorkerInfo
-from tandem.orchestrator.pipeline import Pipeline
-from tandem.orchestrator.router import KVAwareRouter
-from tandem.orchestrator.tokenizer import PromptTokenizer
-from tandem.orchestrator.worker_client import WorkerClient
-from worker_rpc import Server
+from worker_rpc import Server, app_over_workers
 
 KV_CACHE_BYTES = 96 * 737_280  # 96 blocks of 16 tokens of SmolLM2 in float32
 API_KEY = "sk-bench"
@@ -89,23 +83,7 @@ def test_config_needs_one_arrival_process_and_positive_counts() -> None:
 def server(start_worker):
     args = ["--kv-cache-bytes", str(KV_CACHE_BYTES), "--dtype", "float32", "--device", "cpu"]
     workers = [start_worker("context", *args), start_worker("generation", *args)]
-
-    async def start() -> AppState:
-        cluster = Cluster(block_size=16)
-        for worker in workers:
-            cluster.add(WorkerInfo.from_ready(worker.ready))
-        await cluster.refresh_loads()
-        cluster.start()
-        client = WorkerClient(workers[1].address)
-        tokenizer = PromptTokenizer.from_model_info(await client.model_info())
-        await client.close()
-        pipeline = Pipeline(cluster, KVAwareRouter(local_prefill_max_tokens=4), max_retries=1, request_timeout_s=120)
-        return AppState(pipeline, cluster, tokenizer, served_model_name="smollm2", api_key=API_KEY)
-
-    async def stop(state: AppState) -> None:
-        await state.cluster.close()
-
-    server = Server(create_app(start, stop))
+    server = Server(app_over_workers(workers, API_KEY))
     yield server
     server.stop()
 
