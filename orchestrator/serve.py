@@ -14,7 +14,13 @@ import os
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
+from tandem.orchestrator.cluster import Cluster
 from tandem.orchestrator.serve_config import PoolConfig, ServeConfig, ServeConfigError, load_serve_config
+
+if TYPE_CHECKING:
+    from tandem.orchestrator.app import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +93,7 @@ async def start_cluster(config: ServeConfig, api_key: str | None):
     """Start the pools, follow their workers, and build the app's state. Returns (state, pools)."""
     import ray
 
-    from tandem.orchestrator.app import AppState
-    from tandem.orchestrator.cluster import Cluster
-    from tandem.orchestrator.pipeline import Pipeline
     from tandem.orchestrator.pools import PoolSpec, WorkerPools
-    from tandem.orchestrator.router import make_router
-    from tandem.orchestrator.tokenizer import PromptTokenizer
 
     active = config.active_pools()
     block_size = next(iter(active.values())).block_size
@@ -110,14 +111,23 @@ async def start_cluster(config: ServeConfig, api_key: str | None):
           "loading the model...", flush=True)
     infos = await pools.start()
     print(f"Workers ready in {time.monotonic() - started:.0f} s", flush=True)
+    return await app_state(cluster, infos[0].worker_id, config, api_key), pools
+
+
+async def app_state(cluster: Cluster, tokenizer_worker_id: str, config: ServeConfig, api_key: str | None) -> AppState:
+    """The app's state over a cluster whose workers are up: loads refreshed, the tokenizer from one
+    worker, the router and limits of the config."""
+    from tandem.orchestrator.app import AppState
+    from tandem.orchestrator.pipeline import Pipeline
+    from tandem.orchestrator.router import make_router
+    from tandem.orchestrator.tokenizer import PromptTokenizer
+
     await cluster.refresh_loads()
     cluster.start()
-    tokenizer = PromptTokenizer.from_model_info(await cluster.client(infos[0].worker_id).model_info())
+    tokenizer = PromptTokenizer.from_model_info(await cluster.client(tokenizer_worker_id).model_info())
     router = make_router(config.router.policy, config.router.local_prefill_max_tokens)
     pipeline = Pipeline(cluster, router, max_retries=config.router.max_retries,
                         request_timeout_s=config.limits.request_timeout_s)
-    name = config.served_model_name or tokenizer.model
-    state = AppState(pipeline, cluster, tokenizer, served_model_name=name,
-                     max_concurrent_requests=config.limits.max_concurrent_requests, api_key=api_key,
-                     max_model_len=config.limits.max_model_len)
-    return state, pools
+    return AppState(pipeline, cluster, tokenizer, served_model_name=config.served_model_name or tokenizer.model,
+                    max_concurrent_requests=config.limits.max_concurrent_requests, api_key=api_key,
+                    max_model_len=config.limits.max_model_len)

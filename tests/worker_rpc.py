@@ -83,24 +83,25 @@ class Server:
         self.socket.close()
 
 
-def app_over_workers(workers, api_key: str | None, **state: object):
+def app_over_workers(workers, api_key: str | None, max_concurrent_requests: int = 256):
     """The REST app over already running worker processes (the last one hands out the tokenizer),
-    built on the server's own event loop as `tandem serve` builds it, without Ray."""
+    wired on the server's own event loop exactly as `tandem serve` wires it, without Ray."""
     from tandem.orchestrator.app import AppState, create_app
     from tandem.orchestrator.cluster import Cluster, WorkerInfo
-    from tandem.orchestrator.pipeline import Pipeline
-    from tandem.orchestrator.router import KVAwareRouter
-    from tandem.orchestrator.tokenizer import PromptTokenizer
+    from tandem.orchestrator.serve import app_state
+    from tandem.orchestrator.serve_config import ServeConfig
+
+    config = ServeConfig.model_validate({
+        "served_model_name": "smollm2",
+        "router": {"policy": "kv_aware", "local_prefill_max_tokens": 4, "max_retries": 1},
+        "limits": {"max_concurrent_requests": max_concurrent_requests, "request_timeout_s": 120},
+    })
 
     async def start() -> AppState:
         cluster = Cluster(block_size=16)
         for worker in workers:
             cluster.add(WorkerInfo.from_ready(worker.ready))
-        await cluster.refresh_loads()
-        cluster.start()
-        tokenizer = PromptTokenizer.from_model_info(await cluster.client(workers[-1].ready["worker_id"]).model_info())
-        pipeline = Pipeline(cluster, KVAwareRouter(local_prefill_max_tokens=4), max_retries=1, request_timeout_s=120)
-        return AppState(pipeline, cluster, tokenizer, served_model_name="smollm2", api_key=api_key, **state)
+        return await app_state(cluster, workers[-1].ready["worker_id"], config, api_key)
 
     async def stop(state: AppState) -> None:
         await state.cluster.close()
