@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 
 from tandem.orchestrator.cluster import Cluster
 from tandem.orchestrator.metrics import Metrics
@@ -114,10 +115,14 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        loads = holder["state"].cluster.loads()
+        cluster = holder["state"].cluster
+        loads = cluster.loads()
         roles = {load.role for load in loads if load.healthy}
-        ready = "aggregated" in roles or {"context", "generation"} <= roles or "generation" in roles
-        body = {"status": "ok" if ready else "unavailable", "workers": {l.worker_id: l.healthy for l in loads}}
+        transfer = cluster.transfer_report()
+        # A generation worker serves alone (it prefills locally) while no KV hand-off works.
+        ready = "aggregated" in roles or "generation" in roles
+        status = ("ok" if transfer["status"] in ("ok", "none") else "degraded") if ready else "unavailable"
+        body = {"status": status, "workers": {l.worker_id: l.healthy for l in loads}, "kv_transfer": transfer}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -168,9 +173,11 @@ async def _respond(
     if state.in_flight >= state.max_concurrent_requests:
         raise APIError.rate_limited(f"{state.in_flight} requests in flight, the limit is {state.max_concurrent_requests}")
     meta = ResponseMeta(new_request_id(kind), state.served_model_name, int(time.time()))
-    run = _Run(state, metrics, meta, prompt_ids, params, chat=kind == "chatcmpl")
+    run = _Run(state, metrics, meta, prompt_ids, params, chat=kind == "chatcmpl")  # admitted: counted from here
     if stream:
-        return StreamingResponse(run.sse(include_usage), media_type="text/event-stream")
+        # The background task frees the admission slot of a stream that never started (a client
+        # gone before the first byte); a stream that ran has freed it already.
+        return StreamingResponse(run.sse(include_usage), media_type="text/event-stream", background=BackgroundTask(run.release))
     return JSONResponse(await run.complete())
 
 
@@ -185,9 +192,16 @@ class _Run:
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
         self.text_offset = 0
+        self.released = False
+        state.in_flight += 1
+
+    def release(self) -> None:
+        """Give the admission slot back, once."""
+        if not self.released:
+            self.released = True
+            self.state.in_flight -= 1
 
     async def deltas(self) -> AsyncIterator[GenerateDelta]:
-        self.state.in_flight += 1
         start = last = time.perf_counter()
         try:
             async for delta in self.state.pipeline.generate(self.meta.id, self.prompt_ids, self.params, self.waterfall):
@@ -207,7 +221,7 @@ class _Run:
             status = 503 if error.retriable else 500
             raise APIError.server_error(f"the request failed on a worker: {error}", status=status) from None
         finally:
-            self.state.in_flight -= 1
+            self.release()
             self.metrics.e2e.observe(time.perf_counter() - start)
             self.metrics.observe_waterfall(self.waterfall)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 
 from tandem.orchestrator.block_index import BlockIndex, KVEventFollower
 from tandem.orchestrator.router import WorkerLoad
+from tandem.orchestrator.transfer_paths import TransferPaths
 from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
 from tandem.proto import tandem_pb2 as pb
 
@@ -60,12 +61,14 @@ class Cluster:
         self._members: dict[str, _Member] = {}
         self._retired: list[WorkerClient] = []  # clients of workers that left; closed with the cluster
         self._stats_task: asyncio.Task | None = None
+        self.transfer_paths = TransferPaths()
 
     def add(self, info: WorkerInfo) -> None:
         """A worker is up (new, or restarted with a new epoch): route to it from now on."""
         old = self._members.pop(info.worker_id, None)
         if old is not None:
             self._retired.append(old.client)
+        self.transfer_paths.forget(info.worker_id)
         load = WorkerLoad(info.worker_id, info.role, 0, 0, 0, 0, 0, healthy=True)
         self._members[info.worker_id] = _Member(info, WorkerClient(info.address), load)
         self.follower.follow(
@@ -79,10 +82,26 @@ class Cluster:
         if member is None:
             return
         self.follower.unfollow(worker_id)
+        self.transfer_paths.forget(worker_id)
         # Not closed yet: streams in flight on it must fail on their own (UNAVAILABLE, retriable),
         # not be cancelled under their callers by a closing channel.
         self._retired.append(member.client)
         logger.warning("worker %s (%s) left routing", worker_id, member.info.role)
+
+    def mark_unreachable(self, worker_id: str) -> None:
+        """A call found the worker gone: out of routing now, not at the next Stats round or pool
+        health check (a retry must not be routed back to it). Its next good Stats restores it."""
+        member = self._members.get(worker_id)
+        if member is not None and member.load.healthy:
+            member.load = replace(member.load, healthy=False)
+            logger.warning("worker %s is unreachable; routing around it", worker_id)
+
+    def transfer_report(self) -> dict[str, Any]:
+        """The KV hand-off paths between the live context and generation workers (see TransferPaths)."""
+        by_role: dict[str, list[str]] = {"context": [], "generation": []}
+        for worker_id, member in self._members.items():
+            by_role.get(member.info.role, []).append(worker_id)
+        return self.transfer_paths.report(by_role["context"], by_role["generation"])
 
     def client(self, worker_id: str) -> WorkerClient:
         return self._members[worker_id].client

@@ -1,5 +1,5 @@
 """The orchestrator's Prometheus metrics: request outcomes, latencies, and each request's time-to-
-first-token waterfall (prefill, KV transfer with bytes), plus per-worker KV usage read at scrape.
+first-token waterfall (queue, prefill, KV transfer with bytes, first decode step), plus per-worker KV usage read at scrape.
 
 One registry per app (not the global default), so that tests and several apps in one process
 do not collide.
@@ -23,8 +23,12 @@ class Metrics:
         self.ttft = Histogram("tandem_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("tandem_inter_token_seconds", "Time between streamed tokens", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("tandem_request_seconds", "Request latency, end to end", buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("tandem_queue_seconds", "Wait on the context worker before prefill", buckets=_LATENCY_BUCKETS, registry=r)
         self.prefill = Histogram("tandem_prefill_seconds", "Prefill call on the context worker", buckets=_LATENCY_BUCKETS, registry=r)
         self.transfer = Histogram("tandem_kv_transfer_seconds", "KV READ on the generation worker", buckets=_LATENCY_BUCKETS, registry=r)
+        self.first_decode = Histogram(
+            "tandem_first_decode_step_seconds", "First to second token, less the KV transfer", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes moved between workers", registry=r)
         self.routes = Counter("tandem_routes", "Routing decisions", ["reason"], registry=r)
         self.retries = Counter("tandem_retries", "Requests retried on another worker", registry=r)
@@ -35,7 +39,10 @@ class Metrics:
         if waterfall.route is not None:
             self.routes.labels(waterfall.route.reason).inc()
         if waterfall.prefill_s:
+            self.queue.observe(waterfall.queue_s)
             self.prefill.observe(waterfall.prefill_s)
+        if waterfall.first_decode_s:
+            self.first_decode.observe(waterfall.first_decode_s)
         if waterfall.transfer_bytes:
             self.transfer.observe(waterfall.transfer_s)
             self.transfer_bytes.inc(waterfall.transfer_bytes)

@@ -10,9 +10,10 @@ cancels the worker calls, and the workers abort the request and free its blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,17 +23,27 @@ from tandem.orchestrator.worker_client import GenerateDelta, PrefillReply, Worke
 
 logger = logging.getLogger(__name__)
 
+# Errors of a Generate call with a handle that say nothing about the KV transfer path.
+_NOT_TRANSFER_FAILURES = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "CANCELLED"})
+
 
 @dataclass(slots=True)
 class Waterfall:
-    """Where a request's time to first token went, and what its KV hand-off moved."""
+    """Where a request's time to first token went, and what its KV hand-off moved.
+
+    Disaggregated, the first token comes from the context worker (queue, then prefill); the KV
+    READ and the first decode step come before the second token. Prefilled locally on the
+    generation worker, only the first decode step (first to second token) is split out.
+    """
 
     route: Route | None = None
     attempts: int = 0
-    prefill_s: float = 0.0
+    queue_s: float = 0.0  # waiting on the context worker before its first step
+    prefill_s: float = 0.0  # the Prefill call, queue included
     first_token_s: float = 0.0  # from the first route to the first token
     transfer_s: float = 0.0
     transfer_bytes: int = 0
+    first_decode_s: float = 0.0  # first to second token, less the KV transfer
     retries: list[str] = field(default_factory=list)  # why each retry happened
 
 
@@ -58,8 +69,8 @@ class Pipeline:
             attempt_params = dict(params, max_tokens=params["max_tokens"] - already)
             try:
                 async for delta in self._attempt(attempt_id, [*prompt_ids, *emitted], attempt_params, waterfall):
-                    if not emitted and delta.token_ids:
-                        waterfall.first_token_s = time.perf_counter() - start
+                    if delta.token_ids and len(emitted) <= 1:
+                        _time_first_tokens(waterfall, len(emitted), time.perf_counter() - start)
                     if already:
                         delta = replace(
                             delta, num_prompt_tokens=len(prompt_ids), num_output_tokens=already + delta.num_output_tokens
@@ -76,35 +87,59 @@ class Pipeline:
     async def _attempt(
         self, request_id: str, prompt: list[int], params: dict[str, Any], waterfall: Waterfall
     ) -> AsyncIterator[GenerateDelta]:
-        route = self.router.route(len(prompt), self.cluster.cached_blocks(prompt), self.cluster.loads(), self.cluster.block_size)
+        loads = self.cluster.loads()
+        if self.cluster.transfer_report()["status"] == "failing":  # every hand-off fails: prefill locally
+            loads = [load for load in loads if load.role != "context"]
+        route = self.router.route(len(prompt), self.cluster.cached_blocks(prompt), loads, self.cluster.block_size)
         waterfall.route = route
         generation = self.cluster.client(route.generation_worker)
         if route.context_worker is None:
-            async for delta in generation.generate(request_id, prompt, params, timeout_s=self.request_timeout_s):
-                yield delta
+            with self._noting_failures(route.generation_worker):
+                async for delta in generation.generate(request_id, prompt, params, timeout_s=self.request_timeout_s):
+                    yield delta
             return
         context = self.cluster.client(route.context_worker)
         started = time.perf_counter()
-        with self.cluster.prefill_in_flight(route.context_worker, len(prompt) - route.cached_tokens_on_context):
-            reply = await context.prefill(request_id, prompt, params, timeout_s=self.request_timeout_s)
+        with self._noting_failures(route.context_worker):
+            with self.cluster.prefill_in_flight(route.context_worker, len(prompt) - route.cached_tokens_on_context):
+                reply = await context.prefill(request_id, prompt, params, timeout_s=self.request_timeout_s)
         waterfall.prefill_s = time.perf_counter() - started
+        waterfall.queue_s = reply.queue_seconds
         yield _first_delta(reply)
         if reply.handle is None:  # the first token finished the request (or it was aborted)
             return
+        paths = self.cluster.transfer_paths
         streamed = False
         try:
-            async for delta in generation.generate(
-                request_id, prompt, params, handle=reply.handle, first_token_id=reply.first_token_id,
-                timeout_s=self.request_timeout_s,
-            ):
-                if delta.transfer is not None:
-                    waterfall.transfer_s = delta.transfer.seconds
-                    waterfall.transfer_bytes = delta.transfer.num_bytes
-                streamed = True
-                yield delta
+            with self._noting_failures(route.generation_worker):
+                async for delta in generation.generate(
+                    request_id, prompt, params, handle=reply.handle, first_token_id=reply.first_token_id,
+                    timeout_s=self.request_timeout_s,
+                ):
+                    if delta.transfer is not None:
+                        waterfall.transfer_s = delta.transfer.seconds
+                        waterfall.transfer_bytes = delta.transfer.num_bytes
+                        paths.record(route.context_worker, route.generation_worker, True,
+                                     f"{delta.transfer.num_bytes} B in {delta.transfer.seconds * 1e3:.1f} ms")
+                    streamed = True
+                    yield delta
+        except WorkerCallError as error:
+            if not streamed and not error.unreachable and error.code not in _NOT_TRANSFER_FAILURES:
+                paths.record(route.context_worker, route.generation_worker, False, f"{error.code}: {error.message}")
+            raise
         finally:
             if not streamed:  # the KV was never read: unpin it now rather than at lease expiry
                 self._in_background(context.release(reply.handle))
+
+    @contextlib.contextmanager
+    def _noting_failures(self, worker_id: str) -> Iterator[None]:
+        """A worker that did not answer leaves routing at once, so the retry goes elsewhere."""
+        try:
+            yield
+        except WorkerCallError as error:
+            if error.unreachable:
+                self.cluster.mark_unreachable(worker_id)
+            raise
 
     def _in_background(self, call: Awaitable[object]) -> None:
         """Run a best-effort call to its end even when the request's task is being cancelled (a
@@ -117,6 +152,14 @@ class Pipeline:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("background worker call failed: %s", task.exception())
+
+
+def _time_first_tokens(waterfall: Waterfall, num_emitted: int, elapsed_s: float) -> None:
+    """Stamp the first token's time, then the first decode step's (on the second token)."""
+    if num_emitted == 0:
+        waterfall.first_token_s = elapsed_s
+    elif not waterfall.first_decode_s:
+        waterfall.first_decode_s = max(0.0, elapsed_s - waterfall.first_token_s - waterfall.transfer_s)
 
 
 def _first_delta(reply: PrefillReply) -> GenerateDelta:

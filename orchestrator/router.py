@@ -50,7 +50,7 @@ class Route:
     generation_worker: str
     cached_tokens_on_context: int  # 0 when context_worker is None
     cached_tokens_on_generation: int
-    reason: str  # "disaggregated", "local_prefill" or "aggregated": a log field and metric label
+    reason: str  # "disaggregated", "local_prefill", "no_context_worker" or "aggregated": a log field and metric label
 
 
 class RoutingError(Exception):
@@ -107,6 +107,10 @@ class _TwoStepRouter:
             return Route(None, gen.worker_id, 0, cached_gen, "aggregated")
         if request.uncached_tokens(gen.worker_id) <= self.local_prefill_max_tokens:
             return Route(None, gen.worker_id, 0, cached_gen, "local_prefill")
+        if not any(w.role == "context" and w.healthy for w in workers):
+            # Slower for the generation worker's other requests, but served rather than refused
+            # while the context pool is down or every KV hand-off is failing.
+            return Route(None, gen.worker_id, 0, cached_gen, "no_context_worker")
         ctx = self._pick_context(request, _healthy(workers, ("context",)))
         return Route(ctx.worker_id, gen.worker_id, request.cached_tokens(ctx.worker_id), cached_gen, "disaggregated")
 

@@ -28,14 +28,19 @@ _RETRIABLE_WITHOUT_TRAILER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADL
 
 
 class WorkerCallError(Exception):
-    """A call to a worker failed; ``code`` is the gRPC status name."""
+    """A call to a worker failed; ``code`` is the gRPC status name. ``unreachable``: the worker
+    itself did not answer (its process is gone or its channel is down), as opposed to a worker
+    that answered with an error, which always sends the retriable trailer."""
 
-    def __init__(self, address: str, call: str, code: str, message: str, retriable: bool) -> None:
+    def __init__(
+        self, address: str, call: str, code: str, message: str, retriable: bool, *, unreachable: bool = False
+    ) -> None:
         super().__init__(f"{call} on {address} failed: {code}: {message}")
         self.address = address
         self.code = code
         self.message = message
         self.retriable = retriable
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,7 @@ class PrefillReply:
     handle: pb.KVHandle | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    queue_seconds: float = 0.0  # waited on the worker before its first step
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,7 @@ class WorkerClient:
             handle=reply.kv_handle if reply.HasField("kv_handle") else None,
             num_prompt_tokens=reply.num_prompt_tokens,
             num_cached_tokens=reply.num_cached_tokens,
+            queue_seconds=reply.queue_seconds,
         )
 
     async def generate(
@@ -162,4 +169,6 @@ class WorkerClient:
     def _error(self, call: str, error: grpc.aio.AioRpcError) -> WorkerCallError:
         trailer = dict(error.trailing_metadata() or ()).get(RETRIABLE_KEY)
         retriable = trailer == "true" if trailer is not None else error.code() in _RETRIABLE_WITHOUT_TRAILER
-        return WorkerCallError(self.address, call, error.code().name, error.details() or "", retriable)
+        unreachable = trailer is None and error.code() is grpc.StatusCode.UNAVAILABLE
+        return WorkerCallError(self.address, call, error.code().name, error.details() or "", retriable,
+                               unreachable=unreachable)

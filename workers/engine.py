@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -74,6 +75,7 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
     held_kv: HeldKV | None = None  # a hand_off_kv request after its first token: the engine is done with it
+    queue_seconds: float | None = None  # arrival to first scheduled step; None while still waiting
 
     @property
     def finished(self) -> bool:
@@ -259,6 +261,10 @@ class LLMEngine:
         self.num_preemptions += len(plan.preempted)
         if plan.is_empty:
             return outputs
+        scheduled_at = time.perf_counter()
+        for chunk in plan.chunks:
+            if chunk.seq.queue_seconds is None:
+                chunk.seq.queue_seconds = scheduled_at - chunk.seq.arrival_time
         sampling = [c for c in plan.chunks if c.completes_sequence]
         try:
             logits = self.runner.execute(plan.chunks)
@@ -352,6 +358,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            queue_seconds=seq.queue_seconds,
         )
 
 

@@ -6,6 +6,7 @@ freed and its tokens, prompt and output alike, are recomputed when it is schedul
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from tandem.kvtransfer.block_hash import BlockHash
@@ -40,6 +41,8 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_computed_prompt_tokens: int = 0  # prompt tokens this engine actually ran (recompute included)
     num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    queue_seconds: float | None = None  # arrival to first scheduled step: the TTFT waterfall's queue
 
     def __post_init__(self) -> None:
         if not self.token_ids:

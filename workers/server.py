@@ -91,6 +91,7 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
             finish_reason=finish_reason_to_proto(output.finish_reason),
             num_prompt_tokens=output.num_prompt_tokens,
             num_cached_tokens=output.num_cached_tokens,
+            queue_seconds=output.queue_seconds or 0.0,
         )
         if output.new_token_ids:
             reply.first_token_id = output.new_token_ids[0]

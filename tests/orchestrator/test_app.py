@@ -77,6 +77,33 @@ def test_32_concurrent_requests_all_finish(server) -> None:
     assert asyncio.run(run()) == ["length"] * 32
 
 
+def test_streams_over_the_admission_limit_get_429_with_retry_after(server) -> None:
+    """A stream holds its admission slot from the moment it is accepted, not from its first byte:
+    60 streams against a limit of 48 leave exactly 12 refused, and all slots come back."""
+    body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+
+    async def one(http: httpx.AsyncClient) -> tuple[int, str | None, str]:
+        async with http.stream("POST", f"{server.url}/v1/completions", json=body) as reply:
+            text = (await reply.aread()).decode()
+            return reply.status_code, reply.headers.get("retry-after"), text
+
+    async def run() -> list[tuple[int, str | None, str]]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300, limits=limits) as http:
+            return await asyncio.gather(*(one(http) for _ in range(60)))
+
+    replies = asyncio.run(run())
+    refused = [r for r in replies if r[0] == 429]
+    served = [r for r in replies if r[0] == 200]
+    assert len(refused) == 12 and len(served) == 48, [r[0] for r in replies]
+    assert all(retry_after for _, retry_after, _ in refused)
+    assert all(text.rstrip().endswith("data: [DONE]") and '"error"' not in text for _, _, text in served)
+    follow_up = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False},
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert follow_up.status_code == 200  # every slot came back
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "smollm2", "prompt": PROMPT, "temperature": 5}, 400, "temperature"),
     ({"model": "smollm2", "prompt": PROMPT, "n": 2}, 400, "n"),
@@ -100,9 +127,11 @@ def test_malformed_json_missing_key_and_health_metrics(server) -> None:
     assert httpx.get(f"{server.url}/v1/models", headers=auth).json()["data"][0]["id"] == "smollm2"
     health = httpx.get(f"{server.url}/health")  # no key needed
     assert health.status_code == 200 and json.loads(health.text)["status"] == "ok"
+    transfer = health.json()["kv_transfer"]  # earlier tests handed KV off: the path is known good
+    assert transfer["status"] == "ok" and [path["ok"] for path in transfer["paths"].values()] == [True]
     families = {f.name for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", headers=auth).text)}
     assert {"tandem_time_to_first_token_seconds", "tandem_kv_transfer_bytes", "tandem_worker_kv_blocks_used",
-            "tandem_worker_leases_expired"} <= families
+            "tandem_worker_leases_expired", "tandem_queue_seconds", "tandem_first_decode_step_seconds"} <= families
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_blocks_on_both_workers(server, workers) -> None:

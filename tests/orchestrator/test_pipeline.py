@@ -1,5 +1,6 @@
 """One request through real tiny worker processes: disaggregated and local-prefill routes give
-transformers' tokens; a generation worker killed mid-stream is retried on another, as one stream."""
+transformers' tokens with a TTFT waterfall; a failing KV hand-off path is reported and routed
+around; a generation worker killed mid-stream is retried on another, as one stream."""
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +27,7 @@ def workers(start_worker, tiny_llama):
         "context-1": start_worker("context", *args, "--worker-id", "ctx-1"),
         "gen-0": start_worker("generation", *args, "--worker-id", "gen-0"),
         "gen-1": start_worker("generation", *args, "--worker-id", "gen-1"),
+        "ctx-bs8": start_worker("context", *args, "--block-size", "8", "--worker-id", "ctx-bs8"),
     }
 
 
@@ -61,16 +63,19 @@ def test_disaggregated_and_local_prefill_routes_give_transformers_tokens(workers
             await cluster.refresh_loads()
             disaggregated = await run_request(cluster, KVAwareRouter(local_prefill_max_tokens=0), "pipe-1")
             local = await run_request(cluster, KVAwareRouter(local_prefill_max_tokens=1000), "pipe-2")
-            return disaggregated, local
+            return disaggregated, local, cluster.transfer_report()
         finally:
             await cluster.close()
 
-    (tokens, deltas, waterfall), (local_tokens, _, local_waterfall) = asyncio.run(run())
+    (tokens, deltas, waterfall), (local_tokens, _, local_waterfall), report = asyncio.run(run())
     assert tokens == local_tokens == expected(tiny_llama, PROMPT, 40)
     assert waterfall.route.context_worker == "ctx-0" and waterfall.route.reason == "disaggregated"
     assert deltas[0].token_ids and deltas[0].transfer is None  # the first token, straight from the prefill
     assert deltas[1].transfer is not None and deltas[1].transfer.num_blocks == 4
-    assert waterfall.transfer_bytes > 0 and waterfall.prefill_s > 0
+    assert waterfall.transfer_bytes > 0 and 0 < waterfall.queue_s < waterfall.prefill_s
+    assert waterfall.first_decode_s > 0 and local_waterfall.first_decode_s > 0
+    assert report["status"] == "ok" and report["paths"]["ctx-0->gen-0"]["ok"]
+    assert report["paths"]["ctx-0->gen-0"]["detail"].startswith(f"{waterfall.transfer_bytes} B in ")
     assert local_waterfall.route.context_worker is None and local_waterfall.route.reason == "local_prefill"
     assert deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 40
 
@@ -130,3 +135,27 @@ def test_a_generation_worker_killed_mid_stream_is_retried_as_one_stream(workers,
     assert waterfall.attempts == 2 and waterfall.route.generation_worker == "gen-1"
     assert "UNAVAILABLE" in waterfall.retries[0]
     assert tokens == expected(tiny_llama, PROMPT, 40)
+
+
+def test_a_failing_transfer_path_is_reported_and_prefill_falls_back_to_the_generation_worker(workers, tiny_llama) -> None:
+    """ctx-bs8 cannot pair with gen-1 (8-token blocks against 4): the hand-off fails with the
+    pairing error, the path is reported failing, and the next request prefills on gen-1 itself."""
+    from tandem.orchestrator.worker_client import WorkerCallError
+
+    async def run():
+        cluster = make_cluster(workers, ["ctx-bs8", "gen-1"])
+        try:
+            await cluster.refresh_loads()
+            router = KVAwareRouter(local_prefill_max_tokens=0)
+            with pytest.raises(WorkerCallError) as failed:
+                await run_request(cluster, router, "bad-pair")
+            report = cluster.transfer_report()
+            return failed.value, report, await run_request(cluster, router, "after-bad-pair")
+        finally:
+            await cluster.close()
+
+    error, report, (tokens, _, waterfall) = asyncio.run(run())
+    assert error.code == "FAILED_PRECONDITION" and "block_size" in error.message
+    assert report["status"] == "failing" and not report["paths"]["ctx-bs8->gen-1"]["ok"]
+    assert "block_size" in report["paths"]["ctx-bs8->gen-1"]["detail"]
+    assert waterfall.route.context_worker is None and tokens == expected(tiny_llama, PROMPT, 40)

@@ -136,11 +136,14 @@ def test_unhealthy_workers_are_never_chosen() -> None:
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "least_load", "kv_aware"])
-def test_a_role_with_no_healthy_worker_is_a_routing_error(policy: str) -> None:
+def test_without_a_healthy_context_worker_the_generation_worker_prefills(policy: str) -> None:
     no_context = cluster(c0=load("c0", "context", healthy=False), c1=load("c1", "context", healthy=False))
-    with pytest.raises(RoutingError, match="no healthy context worker \\(2 known") as info:
-        make_router(policy, 64).route(500, {}, no_context, BLOCK)
-    assert info.value.role == "context"
+    route = make_router(policy, 64).route(500, {}, no_context, BLOCK)
+    assert route.context_worker is None and route.reason == "no_context_worker"
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_load", "kv_aware"])
+def test_no_healthy_generation_worker_is_a_routing_error(policy: str) -> None:
     with pytest.raises(RoutingError, match="no healthy generation or aggregated worker \\(0 known") as info:
         make_router(policy, 64).route(500, {}, [load("c0", "context")], BLOCK)
     assert info.value.role == "generation"
