@@ -65,14 +65,14 @@ def pool_full(worker) -> bool:
 class Server:
     """uvicorn on a free port, in a thread, stopped at the end."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, start_timeout_s: float = 60) -> None:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout_s  # the app's lifespan starts its workers
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
             time.sleep(0.05)

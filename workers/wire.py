@@ -39,7 +39,7 @@ def sampling_params_from_proto(params: pb.SamplingParams, request_id: str) -> Sa
             stop_token_ids=tuple(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs if params.HasField("logprobs") else None,
-            skip_special_tokens=params.skip_special_tokens,
+            skip_special_tokens=params.skip_special_tokens if params.HasField("skip_special_tokens") else True,
         )
     except InvalidRequestError as error:
         raise InvalidRequestError(str(error), field=error.field, request_id=request_id) from None
