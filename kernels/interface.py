@@ -24,6 +24,8 @@ class BackendKind(enum.Enum):
     """Which implementation runs attention; chosen once at start from what the device offers."""
 
     TORCH_REFERENCE = "torch"
+    TRITON = "triton"
+    FLASHINFER = "flashinfer"
 
 
 @dataclass(frozen=True, slots=True)
