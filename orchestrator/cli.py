@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="generate text from a prompt on this machine (no server)")
     generate.add_argument("prompt", help="the prompt text")
-    generate.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    generate.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file or synthetic (no model compute); default: embedded SmolLM2")
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)

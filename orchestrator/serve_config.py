@@ -104,7 +104,7 @@ class ServerConfig(_Section):
 
 class ServeConfig(_Section):
     model: str | None = None
-    """HF checkpoint directory or .gguf file; None: the embedded SmolLM2."""
+    """HF checkpoint directory or .gguf file; `synthetic`: no model compute (benchmarks); None: the embedded SmolLM2."""
     served_model_name: str | None = Field(None, min_length=1)
     """The name clients put in `model`; None: derived from `model`."""
     mode: Mode = "disaggregated"

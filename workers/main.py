@@ -38,7 +38,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (printed when ready)")
     parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker (default: --host)")
     parser.add_argument("--worker-id", default=None, help="stable name of this worker (default: role-hostname-port)")
-    parser.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file or synthetic (no model compute); default: embedded SmolLM2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
