@@ -9,7 +9,6 @@ the worker calls; the workers abort the request and free its blocks.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +42,7 @@ from tandem.orchestrator.openai_protocol import (
     usage,
 )
 from tandem.orchestrator.pipeline import Pipeline, Waterfall
+from tandem.orchestrator.request_gate import RequestGate
 from tandem.orchestrator.router import RoutingError
 from tandem.orchestrator.worker_client import GenerateDelta, WorkerCallError
 
@@ -96,17 +96,7 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
         headers = {"Retry-After": "1"} if error.status in (429, 503) else None
         return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
-    @app.middleware("http")
-    async def authorize_and_count(request: Request, call_next):
-        state, metrics = holder["state"], holder["metrics"]
-        if state.api_key and request.url.path != "/health":
-            expected = f"Bearer {state.api_key}"
-            if not hmac.compare_digest(request.headers.get("authorization", ""), expected):
-                return await api_error(request, APIError.unauthorized())
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestGate, holder=holder)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -124,6 +124,9 @@ def test_malformed_json_missing_key_and_health_metrics(server) -> None:
     reply = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers=auth)
     assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    for wrong in ("Bearer sk-wrong", "Bearer ключ".encode()):  # a non-ASCII header is refused, not a 500
+        refused = httpx.get(f"{server.url}/v1/models", headers={"Authorization": wrong})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{server.url}/v1/models", headers=auth).json()["data"][0]["id"] == "smollm2"
     health = httpx.get(f"{server.url}/health")  # no key needed
     assert health.status_code == 200 and json.loads(health.text)["status"] == "ok"
