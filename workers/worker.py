@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import tempfile
 import time
@@ -155,7 +156,7 @@ class Worker:
                     yield _aborted_output(request_id, len(prompt_token_ids)), None
                     return
             while not finished:
-                output = await stream.get()
+                output = _merge_ready(await stream.get(), stream)
                 finished = output.finished
                 yield output, report
                 report = None
@@ -379,3 +380,18 @@ def _peer_failed(handle: KVHandle, error: TransferError) -> PeerUnavailableError
 
 def _aborted_output(request_id: str, num_prompt_tokens: int) -> RequestOutput:
     return RequestOutput(request_id, (), "", (), FinishReason.ABORT, num_prompt_tokens, 0, 1)
+
+
+def _merge_ready(output: RequestOutput, stream: asyncio.Queue[RequestOutput]) -> RequestOutput:
+    """``output`` joined with the outputs already queued behind it: a reader that fell behind
+    (a busy orchestrator, a slow client) gets one message for several steps, not a backlog of one
+    message per token that keeps it behind."""
+    while not output.finished and not stream.empty():
+        later = stream.get_nowait()
+        output = dataclasses.replace(
+            later,
+            new_token_ids=output.new_token_ids + later.new_token_ids,
+            new_text=output.new_text + later.new_text,
+            new_logprobs=output.new_logprobs + later.new_logprobs,
+        )
+    return output
