@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from tandem.models.layers import TensorParallel
 from tandem.models.registry import model_class_for
 from tandem.models.source import ModelSource, iter_weights, load_config, load_tokenizer, resolve_model
 
@@ -36,15 +37,21 @@ class LoadedModel:
 
 
 def load_model(
-    model: str | os.PathLike | None, *, dtype: torch.dtype, device: torch.device, show_progress: bool = True
+    model: str | os.PathLike | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    show_progress: bool = True,
+    tp: TensorParallel = TensorParallel(),
 ) -> LoadedModel:
-    """Load the model named by `model` (None: the embedded SmolLM2) onto device in dtype."""
+    """Load the model named by `model` (None: the embedded SmolLM2) onto device in dtype;
+    with `tp`, only that tensor-parallel rank's shard of every weight."""
     started = time.perf_counter()
     source = resolve_model(model)
     config = load_config(source)
     model_class = model_class_for(config)
     with torch.device(device), _default_dtype(dtype):
-        module = model_class(config)
+        module = model_class(config, tp) if tp.size > 1 else model_class(config)
     module.load_weights(iter_weights(source, show_progress=show_progress, config=config))
     module.eval()
     module.prepare_for_inference()

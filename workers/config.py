@@ -38,6 +38,11 @@ class EngineConfig:
     show_progress: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tensor_parallel_size: int = 1  # ranks the weights and kv heads are split over (workers/tensor_parallel.py)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -26,6 +27,7 @@ from tandem.kernels.select import select_backend
 from tandem.kvtransfer.block_pool import BlockPool, NoFreeBlocksError
 from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache, layer_views, num_blocks_for_budget
 from tandem.models.decoder import head_dim_of
+from tandem.models.layers import TensorParallel
 from tandem.models.loader import LoadedModel, load_model
 from tandem.workers.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig
 from tandem.workers.config import resolve_device, resolve_dtype
@@ -37,6 +39,10 @@ from tandem.workers.sampler import Sampler, SamplingInput, TokenLogprobs, make_g
 from tandem.workers.sampling_params import SamplingParams
 from tandem.workers.scheduler import ScheduledChunk, Scheduler
 from tandem.workers.sequence import FinishReason, Sequence
+from tandem.workers.tensor_parallel_wire import TensorParallelError
+
+if TYPE_CHECKING:
+    from tandem.workers.tensor_parallel import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +101,20 @@ class LLMEngine:
     """A continuous-batching engine over one model on one device. Not thread-safe: one caller
     drives step(); the serving layers above own concurrency."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, device: torch.device, tp_group: TensorParallelGroup | None = None
+    ) -> None:
         self.config = config
         self.tokenizer: PreTrainedTokenizerBase | None = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = device
-        spec = kv_cache_spec(loaded.config, config.cache.block_size, next(loaded.model.parameters()).dtype)
-        num_blocks = _num_blocks(spec, config, device)
+        tp_size = 1 if tp_group is None else tp_group.size
+        spec = kv_cache_spec(loaded.config, config.cache.block_size, next(loaded.model.parameters()).dtype, tp_size)
+        num_blocks = num_kv_cache_blocks(spec, config, device)
+        if tp_group is not None:
+            num_blocks = tp_group.agree_num_blocks(num_blocks)  # same block ids on every rank
+        self._tp_group = tp_group
         self.pool = BlockPool(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, num_blocks * spec.block_size)
         self.scheduler = Scheduler(config.scheduler, SequenceBlocks(self.pool))
@@ -111,6 +123,8 @@ class LLMEngine:
         self.kv_cache_spec = spec
         self.kv_cache = kv_cache  # the one tensor a transfer engine registers
         self.runner = ModelRunner(loaded.model, layer_views(kv_cache), backend, spec.block_size, device)
+        if tp_group is not None:
+            self.runner = tp_group.wrap(self.runner)  # broadcasts each step to the other ranks
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._receiving: dict[str, _Request] = {}  # reserved by reserve_prefilled, not yet committed
@@ -126,8 +140,17 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        if config.tensor_parallel_size > 1:
+            from tandem.workers.tensor_parallel import start_engine  # it imports this module
+
+            return start_engine(config, device, dtype)
         loaded = load_model(config.model, dtype=dtype, device=device, show_progress=config.show_progress)
         return cls(loaded, config, device)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel followers, if any; no step can run afterwards."""
+        if self._tp_group is not None:
+            self._tp_group.close()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -268,10 +291,12 @@ class LLMEngine:
         sampling = [c for c in plan.chunks if c.completes_sequence]
         try:
             logits = self.runner.execute(plan.chunks)
-        except Exception:
+        except Exception as e:
             logger.exception("model step failed; aborting the %d requests in it", len(plan.chunks))
             for chunk in plan.chunks:
                 self._finish(self.requests[chunk.seq.request_id], FinishReason.ABORT, "")
+            if isinstance(e, TensorParallelError):
+                raise  # the group is gone: no later step can run either
             return outputs + self._drain_finished()
         for chunk in plan.chunks:
             self._account_computed(chunk)
@@ -362,14 +387,16 @@ class LLMEngine:
         )
 
 
-def kv_cache_spec(hf: PretrainedConfig, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
-    """The KV cache geometry a model needs: one (key, value) pair per layer and kv head."""
+def kv_cache_spec(hf: PretrainedConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> KVCacheSpec:
+    """The KV cache geometry one rank needs: one (key, value) pair per layer and per kv head of
+    this rank's share. Raises ValueError when the kv heads do not divide by ``tp_size``."""
     head_dim = head_dim_of(hf)
     num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    return KVCacheSpec(hf.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+    per_rank = TensorParallel(0, tp_size).split(num_kv_heads, "num_key_value_heads")
+    return KVCacheSpec(hf.num_hidden_layers, per_rank, head_dim, block_size, dtype)
 
 
-def _num_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.device) -> int:
+def num_kv_cache_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.device) -> int:
     cache = config.cache
     if cache.num_bytes is None and cache.memory_fraction is None:
         if device.type == "cuda":

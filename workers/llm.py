@@ -61,6 +61,7 @@ class LLM:
         scheduler: SchedulerConfig | None = None,
         max_model_len: int | None = None,
         show_progress: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -70,6 +71,7 @@ class LLM:
             show_progress=show_progress,
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
+            tensor_parallel_size=tensor_parallel_size,
         )
         self._attach(LLMEngine.from_config(config))
 
@@ -86,6 +88,16 @@ class LLM:
         # Outputs per request id, filled by whichever caller steps the engine: several streams
         # (and a generate) may be open at once, and none may swallow another's tokens.
         self._outputs: dict[str, deque[RequestOutput]] = {}
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel followers, if any (also on leaving a with block)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer, or None for a bare checkpoint

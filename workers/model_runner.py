@@ -4,16 +4,58 @@ Inputs are flattened (no padding between sequences): the tokens each chunk compu
 positions, the cache slot each new token's key/value goes to, and per-sequence block tables.
 Only the last token of a chunk that completes its sequence produces logits, so prefill chunks
 that stop mid-prompt cost no lm_head work.
+
+A step is built in two halves: ``build_batch`` flattens the chunks into host integers (a
+``StepBatch``), ``ModelRunner.run`` turns those into tensors and runs the model. Tensor-parallel
+followers have no scheduler or sequences: rank 0 sends them its StepBatch and they call ``run``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tandem.kernels.interface import AttentionBackend, AttentionMetadata, ForwardContext
 from tandem.workers.scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """One step's model inputs as host integers, flattened over the step's chunks."""
+
+    token_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slot_mapping: list[int]  # [T] flat cache slot (block_id * block_size + offset) of each new token
+    query_lens: tuple[int, ...]  # [S] tokens computed per sequence
+    seq_lens: tuple[int, ...]  # [S] context length after this step (cached + new)
+    block_table: list[list[int]]  # [S, max_blocks] padded with 0
+    logit_rows: tuple[int, ...]  # token index of the last token of every chunk that completes its sequence
+
+
+def build_batch(chunks: Sequence[ScheduledChunk], block_size: int) -> StepBatch:
+    """Flatten a step's chunks, in plan order, into the inputs of one forward pass."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    logit_rows: list[int] = []
+    for chunk in chunks:
+        seq = chunk.seq
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
+        token_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        blocks = seq.block_ids
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+        query_lens.append(chunk.num_tokens)
+        seq_lens.append(end)
+        if chunk.completes_sequence:
+            logit_rows.append(len(token_ids) - 1)
+    max_blocks = max(len(c.seq.block_ids) for c in chunks)
+    table = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
+    return StepBatch(token_ids, positions, slots, tuple(query_lens), tuple(seq_lens), table, tuple(logit_rows))
 
 
 class ModelRunner:
@@ -33,47 +75,30 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
 
-    @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_chunks, vocab], one row per chunk
         whose completes_sequence is true, in plan order."""
-        input_ids, positions, meta = self._prepare(chunks)
-        ctx = ForwardContext(self.backend, meta, self.kv_caches)
-        hidden = self.model(input_ids, positions, ctx)  # [num_tokens, hidden_size]
-        last_rows = [end - 1 for c, end in zip(chunks, _cumsum(meta.query_lens_cpu)) if c.completes_sequence]
-        if not last_rows:
-            return hidden.new_empty((0, 0), dtype=torch.float32)
-        index = torch.tensor(last_rows, dtype=torch.long, device=hidden.device)
-        return self.model.compute_logits(hidden.index_select(0, index))
+        return self.run(build_batch(chunks, self.block_size))
 
-    def _prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        block_size = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        for chunk in chunks:
-            seq = chunk.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
-            token_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = seq.block_ids
-            slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
-            query_lens.append(chunk.num_tokens)
-            seq_lens.append(end)
-        max_blocks = max(len(c.seq.block_ids) for c in chunks)
-        table = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Run one step from its flattened inputs; returns logits [len(batch.logit_rows), vocab]."""
         meta = AttentionMetadata(
-            query_start_loc=self._tensor([0, *_cumsum(query_lens)], torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor(table, torch.int32),
-            slot_mapping=self._tensor(slots, torch.int64),
-            query_lens_cpu=tuple(query_lens),
-            seq_lens_cpu=tuple(seq_lens),
-            block_size=block_size,
+            query_start_loc=self._tensor([0, *_cumsum(batch.query_lens)], torch.int32),
+            seq_lens=self._tensor(list(batch.seq_lens), torch.int32),
+            block_tables=self._tensor(batch.block_table, torch.int32),
+            slot_mapping=self._tensor(batch.slot_mapping, torch.int64),
+            query_lens_cpu=batch.query_lens,
+            seq_lens_cpu=batch.seq_lens,
+            block_size=self.block_size,
         )
-        return self._tensor(token_ids, torch.int64), self._tensor(positions, torch.int64), meta
+        ctx = ForwardContext(self.backend, meta, self.kv_caches)
+        input_ids = self._tensor(batch.token_ids, torch.int64)
+        hidden = self.model(input_ids, self._tensor(batch.positions, torch.int64), ctx)  # [num_tokens, hidden_size]
+        if not batch.logit_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        index = self._tensor(list(batch.logit_rows), torch.long)
+        return self.model.compute_logits(hidden.index_select(0, index))
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         # Built on the host, copied once: one small H2D transfer per tensor per step.
