@@ -23,7 +23,7 @@ import triton.language as tl
 # size. Best of a sweep on an H200 (Llama-8B shapes, batch 1-128 at 1k context).
 DOT_TILE = (32, 4)
 FP32_TILE = (16, 2)
-MIN_TOKENS_PER_SPLIT = 256  # a split shorter than this costs more in merging than it saves
+MIN_TOKENS_PER_SPLIT = 64  # a split shorter than this costs more in merging than it saves
 
 
 @triton.jit
@@ -150,7 +150,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
     """Enough splits for about two programs per SM, none shorter than MIN_TOKENS_PER_SPLIT."""
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     wanted = triton.cdiv(2 * num_sms, num_seqs * num_kv_heads)
-    return max(1, min(wanted, max_seq_len // MIN_TOKENS_PER_SPLIT, 64))
+    return max(1, min(wanted, max_seq_len // MIN_TOKENS_PER_SPLIT, 128))
 
 
 def paged_decode_attention(

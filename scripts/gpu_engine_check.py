@@ -2,8 +2,8 @@
 
 Builds tiny random-weight Llama (llama3 rope scaling) and Qwen3 checkpoints from a config (nothing
 is downloaded), saves them as safetensors, and generates greedily through `LLM(device="cuda")`
-(float32: must equal transformers on the same GPU token for token; bfloat16: reported). Prints one
-JSON line per model.
+(float32: must equal transformers on the same GPU token for token; bfloat16: reported), with decode
+replayed from CUDA graphs and then eagerly. Prints one JSON line per model.
 
     python scripts/gpu_engine_check.py            # on a machine with CUDA
 """
@@ -48,15 +48,18 @@ def check(name: str, config, directory: str) -> dict:
         expected.append(out[0, len(prompt):].tolist())
     result = {"model": name, "device": torch.cuda.get_device_name()}
     for dtype in ("float32", "bfloat16"):
-        llm = LLM(model=directory, device="cuda", dtype=dtype, show_progress=False)
-        start = time.perf_counter()
-        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
-        result[f"{dtype}_seconds"] = round(time.perf_counter() - start, 3)
-        same = sum(o.token_ids == e for o, e in zip(outputs, expected))
-        result[f"{dtype}_prompts_identical"] = f"{same}/{len(PROMPTS)}"
-        result[f"{dtype}_blocks_leaked"] = llm.engine.pool.num_used_blocks
-        del llm, outputs
-        torch.cuda.empty_cache()
+        for mode, eager in (("", False), ("eager_", True)):  # decode from CUDA graphs, then without
+            llm = LLM(model=directory, device="cuda", dtype=dtype, show_progress=False, enforce_eager=eager)
+            result[f"{mode}backend"] = llm.engine.runner.backend.kind.value
+            result[f"{mode}graphs"] = llm.engine.runner.graphs is not None
+            start = time.perf_counter()
+            outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
+            result[f"{mode}{dtype}_seconds"] = round(time.perf_counter() - start, 3)
+            same = sum(o.token_ids == e for o, e in zip(outputs, expected))
+            result[f"{mode}{dtype}_prompts_identical"] = f"{same}/{len(PROMPTS)}"
+            result[f"{mode}{dtype}_blocks_leaked"] = llm.engine.pool.num_used_blocks
+            del llm, outputs
+            torch.cuda.empty_cache()
     return result
 
 
@@ -69,7 +72,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as directory:
             result = check(name, config, directory)
         print(json.dumps(result), flush=True)
-        ok &= result["float32_prompts_identical"] == f"{len(PROMPTS)}/{len(PROMPTS)}" and result["float32_blocks_leaked"] == 0
+        for mode in ("", "eager_"):
+            ok &= result[f"{mode}float32_prompts_identical"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
+            ok &= result[f"{mode}float32_blocks_leaked"] == 0
     return 0 if ok else 1
 
 

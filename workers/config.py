@@ -39,6 +39,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tensor_parallel_size: int = 1  # ranks the weights and kv heads are split over (workers/tensor_parallel.py)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode (workers/cuda_graphs.py)
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -34,6 +34,7 @@ from tandem.workers.config import resolve_device, resolve_dtype
 from tandem.workers.detokenizer import IncrementalDetokenizer
 from tandem.workers.errors import InvalidRequestError
 from tandem.workers.kv_blocks import SequenceBlocks, blocks_for_tokens
+from tandem.workers.cuda_graphs import capture_decode_graphs
 from tandem.workers.model_runner import ModelRunner
 from tandem.workers.sampler import Sampler, SamplingInput, TokenLogprobs, make_generator
 from tandem.workers.sampling_params import SamplingParams
@@ -125,6 +126,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, layer_views(kv_cache), backend, spec.block_size, device)
         if tp_group is not None:
             self.runner = tp_group.wrap(self.runner)  # broadcasts each step to the other ranks
+        elif device.type == "cuda" and not config.enforce_eager:
+            self.runner.graphs = capture_decode_graphs(self.runner, self.max_model_len, config.scheduler.max_num_seqs)
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._receiving: dict[str, _Request] = {}  # reserved by reserve_prefilled, not yet committed

@@ -62,6 +62,7 @@ class LLM:
         max_model_len: int | None = None,
         show_progress: bool = True,
         tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -72,6 +73,7 @@ class LLM:
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
             tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
         )
         self._attach(LLMEngine.from_config(config))
 

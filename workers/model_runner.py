@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tandem.kernels.interface import AttentionBackend, AttentionMetadata, ForwardContext
 from tandem.workers.scheduler import ScheduledChunk
+
+if TYPE_CHECKING:
+    from tandem.workers.cuda_graphs import DecodeGraphs
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.device = device
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (workers/cuda_graphs.py)
 
     def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_chunks, vocab], one row per chunk
@@ -83,6 +88,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Run one step from its flattened inputs; returns logits [len(batch.logit_rows), vocab]."""
+        if self.graphs is not None and self.graphs.can_run(batch.query_lens, len(batch.block_table[0])):
+            logits = self.graphs.run(batch.token_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table)
+            if len(batch.logit_rows) == len(batch.query_lens):  # a decode: every row samples
+                return logits
+            return logits.index_select(0, self._tensor(list(batch.logit_rows), torch.long))
         meta = AttentionMetadata(
             query_start_loc=self._tensor([0, *_cumsum(batch.query_lens)], torch.int32),
             seq_lens=self._tensor(list(batch.seq_lens), torch.int32),

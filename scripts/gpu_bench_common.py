@@ -1,0 +1,146 @@
+"""Shared pieces of scripts/bench_gpu.py: the sizes of a run, the Llama config, timing, and the
+memory-bandwidth probe every roofline in the run is measured against."""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """One run's sizes. Defaults: Llama-3.1-8B's shape (random weights) and the issue's batches."""
+
+    hidden: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    intermediate: int = 14336
+    vocab: int = 128256
+    max_positions: int = 8192
+    batches: tuple[int, ...] = (1, 8, 32, 128)
+    prompt_len: int = 1024
+    warmup_steps: int = 3  # decode steps run before the timed ones
+    decode_steps: int = 32  # timed decode steps per batch
+    prefill_budget: int = 16384  # max_num_batched_tokens: 16 prompts of 1024 per prefill step
+    hf_batches: tuple[int, ...] = (1, 8)
+    hf_new_tokens: int = 64
+    coldstart_layers: int = 8
+    coldstart_vocab: int = 32000
+    shard_bytes: int = 2 << 30
+    bandwidth_bytes: int = 4 << 30
+
+
+SMOKE = Sizes(
+    hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=1024, max_positions=1024,
+    batches=(1, 2), prompt_len=64, warmup_steps=1, decode_steps=4, prefill_budget=64, hf_batches=(1, 2),
+    hf_new_tokens=8, coldstart_layers=2, coldstart_vocab=1024, shard_bytes=1 << 20, bandwidth_bytes=64 << 20,
+)
+
+
+def llama_config(sizes: Sizes, *, layers: int | None = None, vocab: int | None = None) -> LlamaConfig:
+    """A Llama 3.1-style config (llama3 rope scaling, GQA, untied lm_head) at ``sizes``."""
+    return LlamaConfig(
+        vocab_size=vocab or sizes.vocab,
+        hidden_size=sizes.hidden,
+        intermediate_size=sizes.intermediate,
+        num_hidden_layers=layers or sizes.layers,
+        num_attention_heads=sizes.heads,
+        num_key_value_heads=sizes.kv_heads,
+        head_dim=sizes.head_dim,
+        max_position_embeddings=sizes.max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            # Llama 3.1 scales 8192 positions by 8; here the context is max_positions, so 1/8 of it.
+            "high_freq_factor": 4.0, "original_max_position_embeddings": sizes.max_positions // 8,
+        },
+    )
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def init_random_(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Cheap random weights in place: matrices N(0, std), vectors (norm weights) ones."""
+    for param in module.parameters():
+        if param.dim() > 1:
+            param.normal_(0.0, std)
+        else:
+            param.fill_(1.0)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter, a tied lm_head counted once (parameters() yields it once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, the device synchronized before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_ms(seconds: list[float]) -> dict:
+    return {
+        "median_ms": round(statistics.median(seconds) * 1e3, 3),
+        "p90_ms": round(percentile(seconds, 90) * 1e3, 3),
+        "min_ms": round(min(seconds) * 1e3, 3),
+        "n": len(seconds),
+    }
+
+
+def memory_bandwidth(device: torch.device, num_bytes: int, repeats: int = 7) -> dict:
+    """Read rate of two read-only reductions (sum, max) over ``num_bytes`` of bfloat16, and the copy
+    rate (read + write counted); medians of ``repeats``. ``read_gbps`` is the faster reduction,
+    so a roofline built on it is the stricter one."""
+    x = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device).uniform_(-1, 1)
+    y = torch.empty_like(x)
+    rates = {}
+    for name, fn, moved in (
+        ("sum", lambda: x.sum(), num_bytes),
+        ("max", lambda: x.max(), num_bytes),
+        ("copy", lambda: y.copy_(x), 2 * num_bytes),
+    ):
+        fn()  # warm up
+        seconds = [timed(fn, device) for _ in range(repeats)]
+        rates[f"{name}_gbps"] = round(moved / statistics.median(seconds) / 1e9, 1)
+    x = y = None  # noqa: F841 - frees both before empty_cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {**rates, "read_gbps": max(rates["sum_gbps"], rates["max_gbps"]), "bytes": num_bytes, "repeats": repeats}
