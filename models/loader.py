@@ -50,7 +50,7 @@ def load_model(
     source = resolve_model(model)
     config = load_config(source)
     model_class = model_class_for(config)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         module = model_class(config, tp) if tp.size > 1 else model_class(config)
     module.load_weights(iter_weights(source, show_progress=show_progress, config=config))
     module.eval()
@@ -97,10 +97,10 @@ def _as_ids(value: int | list[int] | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.getdefault_dtype()
+    torch.setdefault_dtype(dtype)
     try:
         yield
     finally:
-        torch.set_default_dtype(previous)
+        torch.setdefault_dtype(previous)

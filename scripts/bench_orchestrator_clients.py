@@ -30,7 +30,8 @@ class StreamRecord:
 
     start: float
     status: int = 0
-    token_times: list[float] = field(default_factory=list)  # arrival of each chunk with text
+    token_times: list[float] = field(default_factory=list)  # arrival of each chunk with text (a worker
+    # sends a reader that fell behind several tokens in one chunk, so chunks can be fewer than tokens)
     finish_reason: str | None = None
     completion_tokens: int | None = None  # from the usage chunk
     done: bool = False  # saw `data: [DONE]`
@@ -38,7 +39,7 @@ class StreamRecord:
 
     def finished(self, max_tokens: int) -> bool:
         return (self.status == 200 and self.done and self.error is None and self.finish_reason == "length"
-                and self.completion_tokens == max_tokens and len(self.token_times) == max_tokens)
+                and self.completion_tokens == max_tokens and 0 < len(self.token_times) <= max_tokens)
 
 
 def completion_body(model: str, prompt_ids: list[int], max_tokens: int) -> bytes:
@@ -161,7 +162,7 @@ def summarize_streams(records: list[StreamRecord], max_tokens: int) -> Json:
     timed = [r for r in records if r.token_times]
     start = min(r.start for r in records)
     end = max((r.token_times[-1] for r in timed), default=start)
-    tokens = sum(len(r.token_times) for r in records)
+    tokens = sum(r.completion_tokens or len(r.token_times) for r in records)
     itl = [b - a for r in timed for a, b in zip(r.token_times, r.token_times[1:])]
     errors = sorted({r.error or f"status {r.status}, finish {r.finish_reason}, {len(r.token_times)} tokens"
                      for r in records if r not in finished})
@@ -171,7 +172,8 @@ def summarize_streams(records: list[StreamRecord], max_tokens: int) -> Json:
         "errors": errors[:5],
         "peak_open_streams": _peak_open(timed),
         "ttft_ms": summarize_ms([r.token_times[0] - r.start for r in timed]),
-        "itl_ms": summarize_ms(itl),
+        "itl_ms": summarize_ms(itl),  # between chunks: a chunk may carry several tokens
+        "chunks": sum(len(r.token_times) for r in records),
         "itl_max_ms": max(itl, default=0.0) * 1000,
         "e2e_ms": summarize_ms([r.token_times[-1] - r.start for r in timed]),
         "tokens": tokens,

@@ -2,11 +2,10 @@
 memory-bandwidth probe every roofline in the run is measured against."""
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,14 +69,6 @@ def llama_config(sizes: Sizes, *, layers: int | None = None, vocab: int | None =
     )
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @torch.no_grad()

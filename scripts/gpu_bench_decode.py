@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gpu_bench_common import Sizes, default_dtype, init_random_, llama_config, summary_ms, sync, timed, weight_bytes
+from gpu_bench_common import Sizes, init_random_, llama_config, summary_ms, sync, timed, weight_bytes
 
-from tandem.models.loader import LoadedModel
+from tandem.models.loader import LoadedModel, default_dtype
 from tandem.models.registry import model_class_for
 from tandem.models.source import ModelSource
 from tandem.workers.config import CacheConfig, EngineConfig
