@@ -98,9 +98,9 @@ def _as_ids(value: int | list[int] | None) -> Iterator[int]:
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.getdefault_dtype()
-    torch.setdefault_dtype(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
         yield
     finally:
-        torch.setdefault_dtype(previous)
+        torch.set_default_dtype(previous)
