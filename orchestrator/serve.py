@@ -40,6 +40,8 @@ def worker_arguments(config: ServeConfig, pool: PoolConfig) -> list[str]:
         args += ["--model", config.model]
     if pool.kv_cache_bytes:
         args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]
+    if pool.tp_size > 1:
+        args += ["--tensor-parallel-size", str(pool.tp_size)]
     return args
 
 

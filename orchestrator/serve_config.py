@@ -47,7 +47,7 @@ class PoolConfig(_Section):
     num_gpus: float | None = Field(None, ge=0)
     """GPUs Ray reserves for each worker; None: tp_size when the cluster has GPUs, else 0."""
     tp_size: int = Field(1, ge=1)
-    """Tensor-parallel degree of each worker."""
+    """Tensor-parallel degree of each worker (aggregated pools only, for now)."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -139,6 +139,13 @@ class ServeConfig(_Section):
             if name not in used and count > 0:
                 raise _field_error(f"pools.{name}.count", f"{self.mode} mode uses no {name} workers; set count to 0")
         exchanging = _KV_EXCHANGE[self.mode]
+        for name in exchanging:
+            if getattr(self.pools, name).tp_size > 1:
+                raise _field_error(
+                    f"pools.{name}.tp_size",
+                    "tensor-parallel context and generation workers are not built yet (a KV hand-off would need"
+                    " every rank's share of the heads); use tp_size 1 here, or mode: aggregated",
+                )
         for first, name in ((exchanging[0], other) for other in exchanging[1:]):
             for key in _KV_FIELDS:
                 want, got = getattr(getattr(self.pools, first), key), getattr(getattr(self.pools, name), key)

@@ -43,6 +43,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size (default: 1 GiB on CPU)")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="split the model over this many GPUs (ranks 1.. are child processes); aggregated role only",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--lease-seconds", type=float, default=30.0, help="how long handed-off KV stays pinned")
@@ -102,6 +106,7 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
         worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{port}"
         address = f"{advertise_host}:{port}"
         engine, device, model_name = _load_engine(args)
+        resources.callback(engine.close)  # tensor-parallel followers, if any
         transfer = TransferEngine(
             f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch,
             num_threads=args.nixl_threads, staging_blocks=_staging_blocks(args, engine, device),
@@ -146,6 +151,10 @@ def _load_engine(args: argparse.Namespace):
     from tandem.workers.engine import LLMEngine
     from tandem.workers.scheduler import SchedulerConfig
 
+    if args.tensor_parallel_size > 1 and args.role != "aggregated":
+        # A hand-off reads one worker's KV cache, and rank 0's holds only its share of the kv heads.
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} needs --role aggregated:"
+                         " KV hand-off between tensor-parallel workers is not built yet")
     config = EngineConfig(
         model=args.model,
         device=args.device,
@@ -153,7 +162,13 @@ def _load_engine(args: argparse.Namespace):
         show_progress=False,
         cache=CacheConfig(block_size=args.block_size, num_bytes=args.kv_cache_bytes),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        tensor_parallel_size=args.tensor_parallel_size,
     )
+    if args.tensor_parallel_size > 1:
+        from tandem.models.source import resolve_model
+
+        engine = LLMEngine.from_config(config)  # starts the follower ranks
+        return engine, engine.device, resolve_model(config.model).name
     device = resolve_device(config.device)
     loaded = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device, show_progress=False)
     return LLMEngine(loaded, config, device), device, loaded.source.name

@@ -49,8 +49,7 @@ pools:
   context:
     count: 2
     num_cpus: 8
-    num_gpus: 2
-    tp_size: 2
+    num_gpus: 1
     device: cuda
     dtype: bfloat16
     kv_cache_bytes: 40000000000
@@ -64,6 +63,7 @@ pools:
     block_size: 32
   aggregated:
     count: 0
+    tp_size: 2
 router:
   policy: least_load
   local_prefill_max_tokens: 128
@@ -82,7 +82,7 @@ server:
 def test_a_full_file_round_trips(tmp_path: Path) -> None:
     config = load_serve_config(write(tmp_path, FULL))
     assert config.model == "/models/qwen3-8b" and config.served_model_name == "qwen3"
-    assert config.pools.context.count == 2 and config.pools.context.tp_size == 2
+    assert config.pools.context.count == 2 and config.pools.aggregated.tp_size == 2
     assert config.pools.context.resources == {"B200": 1.0} and config.pools.context.kv_cache_bytes == 40_000_000_000
     assert config.pools.generation.count == 3 and config.pools.generation.num_gpus == 1.0
     assert config.router.policy == "least_load" and config.limits.max_model_len == 8192
@@ -108,6 +108,8 @@ def test_a_full_file_round_trips(tmp_path: Path) -> None:
         ("pools:\n  context:\n    tp_size: 4\n    num_gpus: 1\n",
          "serve.yaml: pools.context.num_gpus: tp_size 4 needs num_gpus >= 4"),
         ("server:\n  api_key_env: 'sk-123 456'\n", "serve.yaml: server.api_key_env: String should match pattern"),
+        ("pools:\n  generation:\n    tp_size: 2\n",
+         "serve.yaml: pools.generation.tp_size: tensor-parallel context and generation workers are not built yet"),
     ],
 )
 def test_a_bad_field_is_named_with_its_path(tmp_path: Path, text: str, expected: str) -> None:
@@ -157,3 +159,12 @@ def test_the_schema_module_does_not_import_torch() -> None:
 
     code = "import tandem.orchestrator.serve_config, tandem.orchestrator.router, sys; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_an_aggregated_tensor_parallel_pool_starts_workers_with_that_size(tmp_path: Path) -> None:
+    from tandem.orchestrator.serve import worker_arguments
+
+    config = load_serve_config(write(tmp_path, "mode: aggregated\npools:\n  aggregated: {tp_size: 2, device: cuda}\n"))
+    args = worker_arguments(config, config.pools.aggregated)
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert "--tensor-parallel-size" not in worker_arguments(config, config.pools.context)
