@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 
 from tandem.kernels.interface import ForwardContext
 from tandem.models.errors import ModelLoadError, WeightFileError
+from tandem.models.layers.fused import add_rms_norm, rotary_qk
 from tandem.models.layers import (
     Attention,
     ParallelLMHead,
@@ -33,7 +34,6 @@ from tandem.models.layers import (
     SwiGLUMLP,
     TensorParallel,
     VocabParallelEmbedding,
-    apply_rotary,
     default_weight_loader,
     rope_spec_from_config,
 )
@@ -92,8 +92,7 @@ class DecoderAttention(nn.Module):
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))  # [T, heads | kv_heads, head_dim]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary_qk(q, k, *cos_sin)
         out = self.attn(q, k, v, ctx)  # [T, heads, head_dim]
         return self.o_proj(out.flatten(1))
 
@@ -109,10 +108,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, ctx)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the next layer (or the final
+        norm) adds the two, fused with its norm, so each add costs no kernel of its own."""
+        normed, residual = add_rms_norm(hidden, residual, self.input_layernorm)
+        hidden = self.self_attn(normed, cos_sin, ctx)
+        normed, residual = add_rms_norm(hidden, residual, self.post_attention_layernorm)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -130,9 +134,10 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = self.rotary_emb(positions, hidden.dtype)  # ([T, head_dim], [T, head_dim])
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos_sin, ctx)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos_sin, ctx)
+        return add_rms_norm(hidden, residual, self.norm)[0]
 
 
 class DecoderForCausalLM(nn.Module):

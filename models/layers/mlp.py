@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tandem.models.layers.fused import silu_mul
 from tandem.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear, TensorParallel
 
 
@@ -17,5 +17,4 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each [T, intermediate / tp]
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # [T, 2 * intermediate / tp] -> [T, hidden]

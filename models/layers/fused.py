@@ -1,0 +1,60 @@
+"""The small per-layer ops of a decoder step (residual add + RMSNorm, rotary on q and k, SiLU-mul),
+each either one fused Triton kernel or the plain torch formula.
+
+On a GPU a decode step replayed from a CUDA graph is bound by the count of its kernels, not by
+their bytes: these ops are about 30 of a Llama layer's 40 kernels, at 2-3 us each. The fused
+kernels (kernels/triton_fused.py) run for 16-bit activations on CUDA; float32 and the CPU keep
+the torch formulas, which match transformers bit for bit (the parity mode).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from tandem.models.layers.norm import RMSNorm
+from tandem.models.layers.rotary import apply_rotary
+
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _kernels():
+    """kernels/triton_fused.py, or None where Triton does not import."""
+    try:
+        from tandem.kernels import triton_fused
+    except ImportError:
+        return None
+    return triton_fused
+
+
+def _fused(x: torch.Tensor):
+    kernels = _kernels()
+    if kernels is not None and x.dtype in _FUSED_DTYPES and x.is_cuda and kernels.available(x.device):
+        return kernels
+    return None
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual); the first layer has no residual yet: (norm(x), x)."""
+    if (kernels := _fused(x)) is not None:
+        return kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
+    summed = x if residual is None else x + residual
+    return norm(summed), summed
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, d] and k [T, kv_heads, d] rotated; the fused kernel rotates them in place."""
+    if (kernels := _fused(q)) is not None:
+        kernels.rotary_qk_(q, k, cos, sin)
+        return q, k
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate, then up) -> silu(gate) * up, [T, I]."""
+    if (kernels := _fused(gate_up)) is not None:
+        return kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
