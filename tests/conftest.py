@@ -16,6 +16,7 @@ from tandem.workers.config import CacheConfig, EngineConfig
 from tandem.workers.engine import LLMEngine, kv_cache_spec
 from tandem.workers.llm import LLM
 from tandem.workers.scheduler import SchedulerConfig
+from tiny_models import TINY_LLAMA
 from worker_processes import start_worker  # noqa: F401  (a fixture: worker processes for a test module)
 
 CPU = torch.device("cpu")
@@ -54,10 +55,6 @@ def make_llm(smollm2: LoadedModel) -> LLMFactory:
 
 
 
-TINY_LLAMA = dict(  # 2 layers, 2 KV heads of 16: a worker of it starts in a few seconds
-    vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-)
 
 
 @pytest.fixture(scope="session")

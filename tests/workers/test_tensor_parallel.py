@@ -22,7 +22,7 @@ from tandem.workers.sampling_params import SamplingParams
 from tandem.workers.scheduler import ScheduledChunk, SchedulerConfig
 from tandem.workers.sequence import Sequence
 from tandem.workers.tensor_parallel_wire import TensorParallelError, pack_batch, unpack_batch
-from conftest import TINY_LLAMA
+from tiny_models import TINY_LLAMA
 
 _rng = torch.Generator().manual_seed(7)
 PROMPTS = [torch.randint(0, TINY_LLAMA["vocab_size"], (n,), generator=_rng).tolist() for n in (3, 9, 22, 41)]
