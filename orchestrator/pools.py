@@ -7,7 +7,9 @@ then one task per worker pings it every ``health_interval_s``. A failed or late 
 fresh process: same worker id, new epoch, maybe a new port) and calls ``on_up`` with the new
 info. A restart that fails in the worker's start kills the actor for good (Ray does not retry a
 constructor that raised, whatever ``max_restarts`` says), so the task creates a new actor, backing
-off. ``stop`` stops the server in every actor, then kills them.
+off. ``add_worker`` and ``remove_worker`` resize a pool while it serves (the planner's hands):
+a removed worker leaves routing first, then drains (Drain RPC: its requests finish, its leases
+are acknowledged or expire), then stops. ``stop`` stops the server in every actor, then kills them.
 
 Callbacks run on the event loop that called ``start``. Importing this module starts no Ray and
 no torch; ``start`` needs ``ray.init`` to have run (or connects to a cluster as Ray does).
@@ -15,6 +17,7 @@ no torch; ``start`` needs ``ray.init`` to have run (or connects to a cluster as 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from tandem.orchestrator.cluster import WorkerInfo
+from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ class WorkerPools:
         self._ping_timeout_s = ping_timeout_s
         self._actors: dict[str, Any] = {}  # worker id -> ActorHandle
         self._infos: dict[str, WorkerInfo] = {}  # worker id -> info of the serving epoch (absent while down)
-        self._monitors: list[asyncio.Task] = []
+        self._monitors: dict[str, asyncio.Task] = {}  # worker id -> its health watch
 
     async def start(self) -> list[WorkerInfo]:
         """Create every actor and wait until all serve; on any failure kill them all and raise."""
@@ -96,8 +100,64 @@ class WorkerPools:
         for info in readies:
             self._infos[info.worker_id] = info
             self._notify(self._on_up, info)
-        self._monitors = [asyncio.create_task(self._watch(m), name=f"watch-{m.worker_id}") for m in self._members]
+        for member in self._members:
+            self._watch_member(member)
         return list(readies)
+
+    def count(self, role: str) -> int:
+        """Workers of ``role`` this pool runs (serving or being restarted)."""
+        return sum(m.spec.role == role for m in self._members)
+
+    async def add_worker(self, role: str) -> WorkerInfo:
+        """Scale up by one: start a worker with ``role``'s pool spec; routed to once it serves."""
+        spec = next((m.spec for m in self._members if m.spec.role == role), None)
+        if spec is None:
+            raise ValueError(f"no {role} pool to grow")
+        taken = {m.worker_id for m in self._members}
+        member = _Member(next(f"{role}-{i}" for i in itertools.count() if f"{role}-{i}" not in taken), spec)
+        self._members.append(member)
+        self._actors[member.worker_id] = self._create(member)
+        try:
+            info = await self._first_ready(member)
+        except BaseException:
+            ray.kill(self._actors.pop(member.worker_id), no_restart=True)
+            self._members.remove(member)
+            raise
+        self._infos[info.worker_id] = info
+        self._notify(self._on_up, info)
+        self._watch_member(member)
+        logger.info("worker %s added (%d %s workers)", info.worker_id, self.count(role), role)
+        return info
+
+    async def remove_worker(self, worker_id: str, drain_timeout_s: float = 120.0) -> int:
+        """Scale down by one, losing no request: out of routing at once (``on_down``), then drained
+        (its requests finish and every lease on its blocks is acknowledged or expires, within
+        ``drain_timeout_s``), then stopped. Returns how many requests it finished while draining."""
+        member = next((m for m in self._members if m.worker_id == worker_id), None)
+        if member is None:
+            raise ValueError(f"no worker {worker_id} in the pools")
+        self._monitors.pop(worker_id).cancel()  # a worker being stopped is not one to restart
+        info = self._infos.pop(worker_id, None)
+        self._notify(self._on_down, worker_id)
+        finished = 0
+        if info is not None:
+            client = WorkerClient(info.address, timeout_s=drain_timeout_s)
+            try:
+                finished = await client.drain()
+            except WorkerCallError as error:  # stop it anyway: its leases expire on their own
+                logger.warning("worker %s did not drain: %s", worker_id, error)
+            finally:
+                await client.close()
+        actor = self._actors.pop(worker_id)
+        try:
+            await asyncio.wait_for(actor.stop.remote(), STOP_TIMEOUT_S)
+        except (RayActorError, asyncio.TimeoutError) as error:
+            logger.warning("worker %s did not stop cleanly: %r", worker_id, error)
+        ray.kill(actor, no_restart=True)
+        self._members.remove(member)
+        logger.info("worker %s removed after finishing %d requests (%d %s workers)",
+                    worker_id, finished, self.count(member.spec.role), member.spec.role)
+        return finished
 
     def workers(self) -> list[WorkerInfo]:
         """The workers serving now (a worker being restarted is absent)."""
@@ -108,10 +168,10 @@ class WorkerPools:
         return self._actors[worker_id]
 
     async def stop(self) -> None:
-        for task in self._monitors:
+        for task in self._monitors.values():
             task.cancel()
-        await asyncio.gather(*self._monitors, return_exceptions=True)
-        self._monitors = []
+        await asyncio.gather(*self._monitors.values(), return_exceptions=True)
+        self._monitors.clear()
         stops = [asyncio.wait_for(actor.stop.remote(), STOP_TIMEOUT_S) for actor in self._actors.values()]
         for worker_id, result in zip(self._actors, await asyncio.gather(*stops, return_exceptions=True)):
             if isinstance(result, BaseException):
@@ -138,6 +198,9 @@ class WorkerPools:
         except RayActorError as error:  # the last line of its traceback names the error
             raise PoolStartError(member.worker_id, str(error).strip().splitlines()[-1]) from error
         return WorkerInfo.from_ready(ready)
+
+    def _watch_member(self, member: _Member) -> None:
+        self._monitors[member.worker_id] = asyncio.create_task(self._watch(member), name=f"watch-{member.worker_id}")
 
     def _kill_all(self) -> None:
         for actor in self._actors.values():

@@ -148,6 +148,11 @@ class WorkerClient:
     async def abort(self, request_id: str) -> bool:
         return (await self._unary("Abort", self._stub.Abort, pb.AbortRequest(request_id=request_id), None)).found
 
+    async def drain(self) -> int:
+        """Stop the worker taking work and wait (up to ``timeout_s``) until it runs no request and
+        holds no lease; returns how many requests were in flight when it began."""
+        return (await self._unary("Drain", self._stub.Drain, pb.DrainRequest(), None)).num_requests_finished
+
     async def stats(self) -> pb.StatsResponse:
         return await self._unary("Stats", self._stub.Stats, pb.StatsRequest(), None)
 
