@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, model_validator
+
+from tandem.orchestrator.yaml_schema import Section, field_error, load_yaml_model
 
 Mode = Literal["disaggregated", "aggregated"]
 PoolName = Literal["context", "generation", "aggregated"]
@@ -30,16 +30,7 @@ class ServeConfigError(Exception):
     """A serve config that cannot be read or does not validate; the message names file and field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-def _field_error(field: str, message: str) -> PydanticCustomError:
-    """A cross-field error; `field` (relative to the validated model) is joined to its location."""
-    return PydanticCustomError("serve_config", message, {"field": field})
-
-
-class PoolConfig(_Section):
+class PoolConfig(Section):
     count: int = Field(0, ge=0)
     """Workers in this pool; left out, 1 for the pools the mode uses and 0 for the others."""
     num_cpus: float = Field(1.0, ge=0)
@@ -62,11 +53,11 @@ class PoolConfig(_Section):
     @model_validator(mode="after")
     def _enough_gpus_for_tp(self) -> PoolConfig:
         if self.num_gpus is not None and self.tp_size > 1 and self.num_gpus < self.tp_size:
-            raise _field_error("num_gpus", f"tp_size {self.tp_size} needs num_gpus >= {self.tp_size}, got {self.num_gpus:g}")
+            raise field_error("num_gpus", f"tp_size {self.tp_size} needs num_gpus >= {self.tp_size}, got {self.num_gpus:g}")
         return self
 
 
-class PoolsConfig(_Section):
+class PoolsConfig(Section):
     context: PoolConfig = Field(default_factory=PoolConfig)
     """Workers that prefill prompts and hand their KV off."""
     generation: PoolConfig = Field(default_factory=PoolConfig)
@@ -75,7 +66,7 @@ class PoolsConfig(_Section):
     """Workers that prefill and decode every request themselves."""
 
 
-class RouterConfig(_Section):
+class RouterConfig(Section):
     policy: Literal["round_robin", "least_load", "kv_aware"] = "kv_aware"
     """How requests pick workers (orchestrator/router.py)."""
     local_prefill_max_tokens: int = Field(64, ge=0)
@@ -84,7 +75,7 @@ class RouterConfig(_Section):
     """Times a request whose worker failed is retried on another one."""
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(Section):
     max_concurrent_requests: int = Field(256, ge=1)
     """Requests in flight at once; more are refused with 429."""
     max_model_len: int | None = Field(None, ge=1)
@@ -93,7 +84,7 @@ class LimitsConfig(_Section):
     """Wall-clock limit of one request."""
 
 
-class ServerConfig(_Section):
+class ServerConfig(Section):
     host: str = "127.0.0.1"
     """Interface the HTTP server binds to."""
     port: int = Field(8000, ge=0, le=65535)
@@ -102,7 +93,7 @@ class ServerConfig(_Section):
     """Name of the environment variable holding the API key; None: no authentication."""
 
 
-class ServeConfig(_Section):
+class ServeConfig(Section):
     model: str | None = None
     """HF checkpoint directory or .gguf file; `synthetic`: no model compute (benchmarks); None: the embedded SmolLM2."""
     served_model_name: str | None = Field(None, min_length=1)
@@ -135,13 +126,13 @@ class ServeConfig(_Section):
         for name in ("context", "generation", "aggregated"):
             count = getattr(self.pools, name).count
             if name in used and count < 1:
-                raise _field_error(f"pools.{name}.count", f"{self.mode} mode needs at least 1 {name} worker")
+                raise field_error(f"pools.{name}.count", f"{self.mode} mode needs at least 1 {name} worker")
             if name not in used and count > 0:
-                raise _field_error(f"pools.{name}.count", f"{self.mode} mode uses no {name} workers; set count to 0")
+                raise field_error(f"pools.{name}.count", f"{self.mode} mode uses no {name} workers; set count to 0")
         exchanging = _KV_EXCHANGE[self.mode]
         for name in exchanging:
             if getattr(self.pools, name).tp_size > 1:
-                raise _field_error(
+                raise field_error(
                     f"pools.{name}.tp_size",
                     "tensor-parallel context and generation workers are not built yet (a KV hand-off would need"
                     " every rank's share of the heads); use tp_size 1 here, or mode: aggregated",
@@ -150,7 +141,7 @@ class ServeConfig(_Section):
             for key in _KV_FIELDS:
                 want, got = getattr(getattr(self.pools, first), key), getattr(getattr(self.pools, name), key)
                 if got != want:
-                    raise _field_error(
+                    raise field_error(
                         f"pools.{name}.{key}",
                         f"{got!r} differs from pools.{first}.{key} {want!r}; "
                         f"the {' and '.join(exchanging)} pools exchange KV blocks and must agree",
@@ -162,45 +153,6 @@ class ServeConfig(_Section):
         return {name: getattr(self.pools, name) for name in _MODE_POOLS[self.mode]}
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _location(error: dict[str, Any]) -> str:
-    parts = [str(part) for part in error["loc"]]
-    field = (error.get("ctx") or {}).get("field")
-    return ".".join(parts + ([field] if field else [])) or "(top level)"
-
-
 def load_serve_config(path: str | Path) -> ServeConfig:
     """Read and validate a serve YAML file; an empty file means every default."""
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ServeConfigError(f"{name}: cannot read: {e.strerror or e}") from e
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ServeConfigError(f"{name}: {where}invalid YAML: {problem}") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ServeConfigError(f"{name}: expected a mapping of settings, got {type(data).__name__}")
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as e:
-        lines = [f"{name}: {_location(err)}: {err['msg']}" for err in e.errors()]
-        raise ServeConfigError("\n".join(lines)) from e
+    return load_yaml_model(path, ServeConfig, ServeConfigError)
