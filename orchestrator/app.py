@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
 from tandem.orchestrator.cluster import Cluster
+from tandem.orchestrator.interval_stats import IntervalStats
 from tandem.orchestrator.metrics import Metrics
 from tandem.orchestrator.openai_protocol import (
     SSE_DONE,
@@ -68,6 +69,7 @@ class AppState:
     api_key: str | None = None
     max_model_len: int | None = None  # limits.max_model_len; None: the model's (and KV cache's) own
     in_flight: int = 0
+    interval_stats: IntervalStats = field(default_factory=IntervalStats)  # what the autoscaler reads
 
     @property
     def context_len(self) -> int:
@@ -184,6 +186,7 @@ class _Run:
         self.text_offset = 0
         self.released = False
         state.in_flight += 1
+        state.interval_stats.record_arrival(len(prompt_ids))
 
     def release(self) -> None:
         """Give the admission slot back, once."""
@@ -197,7 +200,9 @@ class _Run:
             async for delta in self.state.pipeline.generate(self.meta.id, self.prompt_ids, self.params, self.waterfall):
                 now = time.perf_counter()
                 if delta.token_ids:
-                    (self.metrics.itl if self.num_output_tokens else self.metrics.ttft).observe(now - last)
+                    first = not self.num_output_tokens
+                    (self.metrics.ttft if first else self.metrics.itl).observe(now - last)
+                    self.state.interval_stats.record_token_gap(first, now - last)
                     last = now
                 self.num_output_tokens = delta.num_output_tokens or self.num_output_tokens
                 self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
@@ -212,6 +217,8 @@ class _Run:
             raise APIError.server_error(f"the request failed on a worker: {error}", status=status) from None
         finally:
             self.release()
+            uncached = len(self.prompt_ids) - self.num_cached_tokens
+            self.state.interval_stats.record_finish(self.num_output_tokens, uncached)
             self.metrics.e2e.observe(time.perf_counter() - start)
             self.metrics.observe_waterfall(self.waterfall)
 

@@ -106,7 +106,11 @@ class WorkerPools:
 
     def count(self, role: str) -> int:
         """Workers of ``role`` this pool runs (serving or being restarted)."""
-        return sum(m.spec.role == role for m in self._members)
+        return len(self.worker_ids(role))
+
+    def worker_ids(self, role: str) -> list[str]:
+        """Ids of the workers of ``role`` this pool runs (serving or being restarted)."""
+        return [m.worker_id for m in self._members if m.spec.role == role]
 
     async def add_worker(self, role: str) -> WorkerInfo:
         """Scale up by one: start a worker with ``role``'s pool spec; routed to once it serves."""

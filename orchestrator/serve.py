@@ -13,10 +13,15 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from tandem.orchestrator.autoscale_policy import AutoscalePolicyError, load_autoscale_policy
+from tandem.orchestrator.autoscaler import Autoscaler
 from tandem.orchestrator.cluster import Cluster
+from tandem.orchestrator.planner import Planner
+from tandem.orchestrator.planner_load import WorkerProfile
 from tandem.orchestrator.serve_config import PoolConfig, ServeConfig, ServeConfigError, load_serve_config
 
 if TYPE_CHECKING:
@@ -48,7 +53,8 @@ def worker_arguments(config: ServeConfig, pool: PoolConfig) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config) if args.config else ServeConfig()
-    except ServeConfigError as error:
+        planner = load_planner(config)
+    except (ServeConfigError, AutoscalePolicyError, ValueError, OSError) as error:
         print(f"tandem serve: error: {error}", file=sys.stderr)
         return 2
     host = args.host or config.server.host
@@ -63,11 +69,14 @@ def run(args: argparse.Namespace) -> int:
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        pools = None
+        pools = autoscaler = None
 
         async def start() -> AppState:
-            nonlocal pools
+            nonlocal pools, autoscaler
             state, pools = await start_cluster(config, api_key)
+            if planner is not None:
+                autoscaler = Autoscaler(planner, pools, state.cluster, state.interval_stats)
+                autoscaler.start()
             print(f"Tandem is serving {state.served_model_name} at http://{host}:{port}/v1", flush=True)
             print(f"  curl http://{host}:{port}/v1/completions -H 'Content-Type: application/json' "
                   f"-d '{{\"model\": \"{state.served_model_name}\", \"prompt\": \"The capital of France is\", "
@@ -76,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
         async def stop(state: AppState) -> None:
             print("Stopping the workers...", flush=True)
+            if autoscaler is not None:
+                await autoscaler.close()
             if pools is not None:
                 await pools.stop()
             await state.cluster.close()
@@ -89,6 +100,15 @@ def run(args: argparse.Namespace) -> int:
         ray.shutdown()
     print("Stopped.", flush=True)
     return 0
+
+
+def load_planner(config: ServeConfig) -> Planner | None:
+    """The planner of the config's autoscale section (its policy and worker profile), or None."""
+    if config.autoscale is None:
+        return None
+    policy = load_autoscale_policy(config.autoscale.policy)
+    profile = WorkerProfile.from_json(Path(config.autoscale.profile).read_text(encoding="utf-8"))
+    return Planner(policy, profile)
 
 
 async def start_cluster(config: ServeConfig, api_key: str | None):

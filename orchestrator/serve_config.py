@@ -93,6 +93,13 @@ class ServerConfig(Section):
     """Name of the environment variable holding the API key; None: no authentication."""
 
 
+class AutoscaleConfig(Section):
+    policy: str
+    """The autoscaling policy YAML (orchestrator/autoscale_policy.py); a relative path is from the working directory."""
+    profile: str
+    """The worker profile JSON that `tandem profile` writes (orchestrator/planner_load.py WorkerProfile)."""
+
+
 class ServeConfig(Section):
     model: str | None = None
     """HF checkpoint directory or .gguf file; `synthetic`: no model compute (benchmarks); None: the embedded SmolLM2."""
@@ -104,6 +111,8 @@ class ServeConfig(Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    autoscale: AutoscaleConfig | None = None
+    """The planner resizes the context and generation pools; None: the pool counts stay fixed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +138,8 @@ class ServeConfig(Section):
                 raise field_error(f"pools.{name}.count", f"{self.mode} mode needs at least 1 {name} worker")
             if name not in used and count > 0:
                 raise field_error(f"pools.{name}.count", f"{self.mode} mode uses no {name} workers; set count to 0")
+        if self.autoscale is not None and self.mode != "disaggregated":
+            raise field_error("autoscale", "the planner sizes context and generation pools: it needs mode: disaggregated")
         exchanging = _KV_EXCHANGE[self.mode]
         for name in exchanging:
             if getattr(self.pools, name).tp_size > 1:
