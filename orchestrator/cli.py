@@ -16,6 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_worker(commands)
     _add_serve(commands)
     _add_bench(commands)
+    _add_profile(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
@@ -58,6 +59,27 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput")
     add_bench_arguments(bench)
     bench.set_defaults(run=run)
+
+
+def _add_profile(commands: argparse._SubParsersAction) -> None:
+    profile = commands.add_parser("profile", help="measure one worker's capacity on this hardware for the planner")
+
+    profile.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded SmolLM2)")
+    profile.add_argument("--device", default="auto")
+    profile.add_argument("--dtype", default="auto")
+    profile.add_argument("--prompt-tokens", type=int, default=512, help="typical prompt length of the workload")
+    profile.add_argument("--output-tokens", type=int, default=128, help="typical output length of the workload")
+    profile.add_argument("--itl-slo-ms", type=float, default=50.0, help="the inter-token latency SLO of the policy")
+    profile.add_argument("--max-batch", type=int, default=256, help="largest decode batch to try")
+    profile.add_argument("--kv-cache-bytes", type=int, default=None)
+    profile.add_argument("--out", default="profile.json", help="where the planner's profile JSON goes")
+    profile.set_defaults(run=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from tandem.workers.profile import run  # torch: only when profiling
+
+    return run(args)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
