@@ -16,6 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_worker(commands)
     _add_serve(commands)
     _add_bench(commands)
+    _add_plan(commands)
     _add_profile(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -59,6 +60,13 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput")
     add_bench_arguments(bench)
     bench.set_defaults(run=run)
+
+
+def _add_plan(commands: argparse._SubParsersAction) -> None:
+    from tandem.orchestrator.sim_cli import add_plan_arguments  # pure Python: no torch, no Ray
+
+    plan = commands.add_parser("plan", help="dry-run an autoscaling policy: replicas over time, SLO attainment, GPU-hours")
+    add_plan_arguments(plan)
 
 
 def _add_profile(commands: argparse._SubParsersAction) -> None:
