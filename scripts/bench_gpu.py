@@ -16,6 +16,13 @@ without CUDA graphs yet, Triton attention, no FlashInfer; 75 s in all, 6 minutes
   FlashInfer is installed.
 - hf (22 s): transformers LlamaForCausalLM at the same shape, batches 1/8, 64 new tokens,
   dynamic then static cache (static is not torch.compiled unless --hf-compile, which adds minutes).
+- prefill (not yet run on a GPU; ~15 s expected): the decode phase's model, one 4096-token prompt
+  prefilled in one engine step (median of 3, fresh random prompts), its FLOPs against the bf16
+  torch.mm peak (8192^3) measured in the same run; goal 60% of that peak.
+- offline (not yet run on a GPU; ~90 s expected): 256 random requests of 512 + 256 tokens, EOS
+  ignored, through Tandem's engine (CUDA graphs on) to completion; then transformers over the first
+  128 (--offline-hf-requests): generate at batch 64 with the dynamic and the static cache, and
+  generate_batch (continuous batching). Output tokens/s each, and Tandem's ratio to the best (goal 5x).
 - coldstart (30 s): writes an 8-layer random Llama (4.0 GB) and a probe file of the same size,
   drops both from the page cache, then a fresh process goes from spawn to its first token.
 """
@@ -35,7 +42,7 @@ import traceback
 import torch
 from gpu_bench_common import SMOKE, Sizes, memory_bandwidth
 
-PHASES = ("decode", "hf", "coldstart")
+PHASES = ("decode", "hf", "prefill", "offline", "coldstart")
 
 
 class Report:
@@ -88,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-batches", type=ints, default=None)
     parser.add_argument("--hf-new-tokens", type=int, default=None)
     parser.add_argument("--hf-compile", action="store_true", help="let transformers torch.compile the static-cache run")
+    parser.add_argument("--prefill-len", type=int, default=None, help="tokens of the prefill phase's one prompt")
+    parser.add_argument("--offline-requests", type=int, default=None)
+    parser.add_argument("--offline-prompt-len", type=int, default=None)
+    parser.add_argument("--offline-output-len", type=int, default=None)
+    parser.add_argument("--offline-hf-requests", type=int, default=None, help="the first N offline requests run through transformers")
     parser.add_argument("--coldstart-layers", type=int, default=None)
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="size of the bandwidth probe tensor")
     parser.add_argument("--workdir", default=None, help="where the cold-start checkpoint is written (default: /tmp)")
@@ -104,7 +116,9 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     overrides = {
         "batches": args.batches, "prompt_len": args.prompt_len, "decode_steps": args.decode_steps, "layers": args.layers,
         "hf_batches": args.hf_batches, "hf_new_tokens": args.hf_new_tokens, "coldstart_layers": args.coldstart_layers,
-        "bandwidth_bytes": args.bandwidth_mib and args.bandwidth_mib << 20,
+        "bandwidth_bytes": args.bandwidth_mib and args.bandwidth_mib << 20, "prefill_len": args.prefill_len,
+        "offline_requests": args.offline_requests, "offline_prompt_len": args.offline_prompt_len,
+        "offline_output_len": args.offline_output_len, "offline_hf_requests": args.offline_hf_requests,
     }
     return dataclasses.replace(SMOKE if args.smoke else Sizes(), **{k: v for k, v in overrides.items() if v})
 
@@ -147,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             run_phase(report, "decode", lambda: run_tandem_decode(sizes, device, dtype, bandwidth, report.emit))
         if "hf" in phases:
             run_phase(report, "hf", lambda: run_hf_decode(sizes, device, dtype, bandwidth, report.emit, args.hf_compile))
+    if "prefill" in phases or "offline" in phases:
+        from gpu_bench_offline import run_offline, run_prefill
+
+        if "prefill" in phases:
+            run_phase(report, "prefill", lambda: run_prefill(sizes, device, dtype, report.emit))
+        if "offline" in phases:
+            run_phase(report, "offline", lambda: run_offline(sizes, device, dtype, report.emit))
     if "coldstart" in phases:
         from gpu_bench_coldstart import run_coldstart
 

