@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from tandem.orchestrator.bench_stats import RequestRecord, Slo, summarize_run
+from tandem.orchestrator.jsonl import read_jsonl
 
 Json = dict[str, Any]
 WORDS = ("time", "people", "year", "way", "day", "man", "thing", "woman", "life", "child", "world", "school",
@@ -99,23 +100,13 @@ def synthetic_prompts(num: int, prompt_tokens: int, output_tokens: int, seed: in
 
 def load_prompts(path: str | Path, default_max_tokens: int) -> list[Prompt]:
     """One JSON object a line: "prompt" (a string) and optional "max_tokens"; blank lines are skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BenchError(f"cannot read prompts file {path}: {e}") from e
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{path} line {number}: not JSON ({e.msg})") from e
+    for where, obj in read_jsonl(path, BenchError):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-            raise BenchError(f'{path} line {number}: expected an object with a non-empty string "prompt"')
+            raise BenchError(f'{where}: expected an object with a non-empty string "prompt"')
         max_tokens = obj.get("max_tokens", default_max_tokens)
         if type(max_tokens) is not int or max_tokens < 1:
-            raise BenchError(f'{path} line {number}: "max_tokens" must be a positive integer')
+            raise BenchError(f'{where}: "max_tokens" must be a positive integer')
         prompts.append(Prompt(obj["prompt"], max_tokens, False))
     if not prompts:
         raise BenchError(f"{path}: no prompts")

@@ -8,12 +8,13 @@ gives the same requests.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tandem.orchestrator.jsonl import read_jsonl
 
 
 class TraceError(ValueError):
@@ -29,19 +30,7 @@ class SimRequest:
 
 def load_trace(path: str | Path) -> list[SimRequest]:
     """The requests of a JSONL trace, sorted by arrival."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise TraceError(f"cannot read trace {path}: {e}") from e
-    requests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path} line {number}: invalid JSON: {e.msg}") from e
-        requests.append(_request(obj, f"{path} line {number}"))
+    requests = [_request(obj, where) for where, obj in read_jsonl(path, TraceError)]
     if not requests:
         raise TraceError(f"{path}: no requests")
     return sorted(requests, key=lambda r: r.arrival_s)
