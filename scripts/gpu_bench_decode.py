@@ -20,7 +20,8 @@ from tandem.models.loader import LoadedModel, default_dtype
 from tandem.models.registry import model_class_for
 from tandem.models.source import ModelSource
 from tandem.workers.config import CacheConfig, EngineConfig
-from tandem.workers.engine import LLMEngine, RequestOutput, kv_cache_spec
+from tandem.workers.engine import LLMEngine, RequestOutput
+from tandem.workers.kv_cache_sizing import kv_cache_spec
 from tandem.workers.sampling_params import SamplingParams
 from tandem.workers.scheduler import ScheduledChunk, SchedulerConfig
 from tandem.workers.sequence import FinishReason

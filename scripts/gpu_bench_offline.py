@@ -20,7 +20,8 @@ from gpu_bench_decode import BLOCK_SIZE, build_random_model, describe_engine, ea
 
 from tandem.models.loader import default_dtype
 from tandem.workers.config import CacheConfig, EngineConfig
-from tandem.workers.engine import LLMEngine, RequestOutput, kv_cache_spec
+from tandem.workers.engine import LLMEngine, RequestOutput
+from tandem.workers.kv_cache_sizing import kv_cache_spec
 from tandem.workers.sampling_params import SamplingParams
 from tandem.workers.scheduler import SchedulerConfig
 from tandem.workers.sequence import FinishReason

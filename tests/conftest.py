@@ -13,7 +13,8 @@ import torch
 from tandem.models.loader import LoadedModel, load_model
 from tandem.models.source import resolve_model
 from tandem.workers.config import CacheConfig, EngineConfig
-from tandem.workers.engine import LLMEngine, kv_cache_spec
+from tandem.workers.engine import LLMEngine
+from tandem.workers.kv_cache_sizing import kv_cache_spec
 from tandem.workers.llm import LLM
 from tandem.workers.scheduler import SchedulerConfig
 from tiny_models import TINY_LLAMA

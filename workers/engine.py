@@ -21,20 +21,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tandem.kernels.select import select_backend
 from tandem.kvtransfer.block_pool import BlockPool, NoFreeBlocksError
-from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache, layer_views, num_blocks_for_budget
-from tandem.models.decoder import head_dim_of
-from tandem.models.layers import TensorParallel
+from tandem.kvtransfer.kv_cache import allocate_kv_cache, layer_views
 from tandem.models.loader import LoadedModel, load_model
-from tandem.workers.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_KV_CACHE_FRACTION, EngineConfig
-from tandem.workers.config import resolve_device, resolve_dtype
+from tandem.workers.config import EngineConfig, resolve_device, resolve_dtype
+from tandem.workers.cuda_graphs import capture_decode_graphs
 from tandem.workers.detokenizer import IncrementalDetokenizer
 from tandem.workers.errors import InvalidRequestError
 from tandem.workers.kv_blocks import SequenceBlocks, blocks_for_tokens
-from tandem.workers.cuda_graphs import capture_decode_graphs
+from tandem.workers.kv_cache_sizing import kv_cache_spec, num_kv_cache_blocks
 from tandem.workers.model_runner import ModelRunner
 from tandem.workers.sampler import Sampler, SamplingInput, TokenLogprobs, make_generator
 from tandem.workers.sampling_params import SamplingParams
@@ -388,24 +386,3 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
             queue_seconds=seq.queue_seconds,
         )
-
-
-def kv_cache_spec(hf: PretrainedConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> KVCacheSpec:
-    """The KV cache geometry one rank needs: one (key, value) pair per layer and per kv head of
-    this rank's share. Raises ValueError when the kv heads do not divide by ``tp_size``."""
-    head_dim = head_dim_of(hf)
-    num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    per_rank = TensorParallel(0, tp_size).split(num_kv_heads, "num_key_value_heads")
-    return KVCacheSpec(hf.num_hidden_layers, per_rank, head_dim, block_size, dtype)
-
-
-def num_kv_cache_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.device) -> int:
-    cache = config.cache
-    if cache.num_bytes is None and cache.memory_fraction is None:
-        if device.type == "cuda":
-            # Of the memory still free once the weights are in, so that other engines or
-            # processes sharing the GPU keep what they hold.
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            return num_blocks_for_budget(spec, num_bytes=int(free_bytes * DEFAULT_GPU_KV_CACHE_FRACTION), device=device)
-        return num_blocks_for_budget(spec, num_bytes=DEFAULT_CPU_KV_CACHE_BYTES, device=device)
-    return num_blocks_for_budget(spec, num_bytes=cache.num_bytes, memory_fraction=cache.memory_fraction, device=device)

@@ -41,7 +41,8 @@ from tandem.models.loader import load_model
 from tandem.models.registry import model_class_for
 from tandem.models.source import load_config, resolve_model
 from tandem.workers.config import EngineConfig
-from tandem.workers.engine import LLMEngine, kv_cache_spec
+from tandem.workers.engine import LLMEngine
+from tandem.workers.kv_cache_sizing import kv_cache_spec
 from tandem.workers.model_runner import ModelRunner, StepBatch, build_batch
 from tandem.workers.scheduler import ScheduledChunk
 from tandem.workers.tensor_parallel_follower import FollowerSpec, run_follower

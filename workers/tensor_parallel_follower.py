@@ -25,7 +25,7 @@ from tandem.kvtransfer.kv_cache import allocate_kv_cache, layer_views
 from tandem.models.layers import TensorParallel
 from tandem.models.loader import load_model
 from tandem.workers.config import EngineConfig
-from tandem.workers.engine import kv_cache_spec, num_kv_cache_blocks
+from tandem.workers.kv_cache_sizing import kv_cache_spec, num_kv_cache_blocks
 from tandem.workers.model_runner import ModelRunner
 from tandem.workers.tensor_parallel_wire import Failed, Loaded, Ready, Started, join_group, receive_step
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig
 
 from tandem.workers.config import CacheConfig
-from tandem.workers.engine import kv_cache_spec
+from tandem.workers.kv_cache_sizing import kv_cache_spec
 from tandem.workers.llm import LLM
 from tandem.workers.model_runner import StepBatch
 from tandem.workers.sampling_params import SamplingParams
