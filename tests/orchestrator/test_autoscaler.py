@@ -10,17 +10,13 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
-import ray
 
+from ray_serving import WAIT_S, Served, serve_on_ray
 from tandem.orchestrator.planner import Action
-from tandem.orchestrator.worker_client import WorkerClient
-from worker_rpc import Server
 
-WAIT_S = 180
 NUM_REQUESTS = 24
 MAX_TOKENS = 1500
 POLICY = """
@@ -38,10 +34,9 @@ PROFILE = {"prefill_tokens_per_s": 100000.0, "decode_tokens_per_s": 100000.0, "m
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[tuple[Server, dict[str, Any]]]:
-    from tandem.orchestrator.app import AppState, create_app
+def served(tmp_path_factory) -> Iterator[Served]:
     from tandem.orchestrator.autoscaler import Autoscaler
-    from tandem.orchestrator.serve import load_planner, start_cluster
+    from tandem.orchestrator.serve import load_planner
     from tandem.orchestrator.serve_config import ServeConfig
 
     directory = tmp_path_factory.mktemp("autoscale")
@@ -55,30 +50,16 @@ def served(tmp_path_factory) -> Iterator[tuple[Server, dict[str, Any]]]:
         "autoscale": {"policy": str(directory / "policy.yaml"), "profile": str(directory / "profile.json")},
     })
     planner = load_planner(config)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
-             configure_logging=False)
-    holder: dict[str, Any] = {}
 
-    async def start() -> AppState:
-        holder["loop"] = asyncio.get_running_loop()
-        state, holder["pools"] = await start_cluster(config, None)
-        holder["autoscaler"] = Autoscaler(planner, holder["pools"], state.cluster, state.interval_stats)
-        return state
+    def add_autoscaler(served: Served, state) -> None:  # stepped by the test, not by its timer
+        served.extra["autoscaler"] = Autoscaler(planner, served.pools, state.cluster, state.interval_stats)
 
-    async def stop(state: AppState) -> None:
-        await holder["pools"].stop()
-        await state.cluster.close()
-
-    try:
-        server = Server(create_app(start, stop), start_timeout_s=WAIT_S)
-        yield server, holder
-        server.stop()
-    finally:
-        ray.shutdown()
+    with serve_on_ray(config, on_start=add_autoscaler) as served:
+        yield served
 
 
-def step(holder: dict[str, Any]):
-    return asyncio.run_coroutine_threadsafe(holder["autoscaler"].step(), holder["loop"]).result(WAIT_S)
+def step(served: Served):
+    return served.on_app_loop(served.extra["autoscaler"].step())
 
 
 async def stream(http: httpx.AsyncClient, url: str, i: int) -> tuple[int, str]:
@@ -88,15 +69,14 @@ async def stream(http: httpx.AsyncClient, url: str, i: int) -> tuple[int, str]:
         return reply.status_code, (await reply.aread()).decode()
 
 
-def test_a_burst_adds_a_generation_worker_and_idleness_removes_it(served) -> None:
-    server, holder = served
-    pools = holder["pools"]
+def test_a_burst_adds_a_generation_worker_and_idleness_removes_it(served: Served) -> None:
+    pools = served.pools
 
     async def burst() -> list[tuple[int, str]]:
         async with httpx.AsyncClient(timeout=WAIT_S, limits=httpx.Limits(max_connections=64)) as http:
-            streams = [asyncio.create_task(stream(http, server.url, i)) for i in range(NUM_REQUESTS)]
+            streams = [asyncio.create_task(stream(http, served.url, i)) for i in range(NUM_REQUESTS)]
             await asyncio.sleep(1.5)  # every stream is decoding: 24 sequences on one worker that holds 16
-            decision = await asyncio.to_thread(step, holder)
+            decision = await asyncio.to_thread(step, served)
             assert decision.action is Action.SCALE_UP and decision.generation_replicas == 2, decision.reason
             assert "concurrency" in decision.reason
             assert pools.count("generation") == 2
@@ -107,23 +87,9 @@ def test_a_burst_adds_a_generation_worker_and_idleness_removes_it(served) -> Non
     assert all(f'"completion_tokens":{MAX_TOKENS}' in text.replace(" ", "") for _, text in results)
     for _ in range(30):  # idle: the forecast decays, then the scale-down cooldown passes
         time.sleep(0.5)
-        decision = step(holder)
+        decision = step(served)
         if decision.action is Action.SCALE_DOWN:
             break
     assert decision.action is Action.SCALE_DOWN and decision.generation_replicas == 1, decision.reason
     assert pools.count("generation") == 1 and pools.count("context") == 1
-    deadline = time.monotonic() + 30
-    while True:
-        stats = [asyncio.run(_stats(info.address)) for info in pools.workers()]
-        if all(s.num_free_blocks == s.num_total_blocks and not s.num_leases and not s.num_running for s in stats):
-            break
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.2)
-
-
-async def _stats(address: str):
-    client = WorkerClient(address, timeout_s=10)
-    try:
-        return await client.stats()
-    finally:
-        await client.close()
+    served.wait_until_every_block_is_free(expected_workers=2)

@@ -7,26 +7,19 @@ path is what is under test, and it starts in seconds.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
-import ray
 
-from tandem.orchestrator.worker_client import WorkerClient
-from worker_rpc import Server
+from ray_serving import WAIT_S, Served, serve_on_ray, stats_of
 
-WAIT_S = 180
 NUM_REQUESTS = 24
 MAX_TOKENS = 1000
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Server, dict[str, Any]]]:
-    from tandem.orchestrator.app import AppState, create_app
-    from tandem.orchestrator.serve import start_cluster
+def served() -> Iterator[Served]:
     from tandem.orchestrator.serve_config import ServeConfig
 
     pool = {"count": 1, "device": "cpu", "dtype": "float32", "kv_cache_bytes": 4 << 20}
@@ -36,29 +29,8 @@ def served() -> Iterator[tuple[Server, dict[str, Any]]]:
         "router": {"policy": "least_load", "local_prefill_max_tokens": 0},
         "limits": {"request_timeout_s": 120},
     })
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
-             configure_logging=False)
-    holder: dict[str, Any] = {}
-
-    async def start() -> AppState:
-        holder["loop"] = asyncio.get_running_loop()
-        state, holder["pools"] = await start_cluster(config, None)
-        return state
-
-    async def stop(state: AppState) -> None:
-        await holder["pools"].stop()
-        await state.cluster.close()
-
-    try:
-        server = Server(create_app(start, stop), start_timeout_s=WAIT_S)
-        yield server, holder
-        server.stop()
-    finally:
-        ray.shutdown()
-
-
-def on_app_loop(holder: dict[str, Any], coro, timeout: float = WAIT_S) -> Any:
-    return asyncio.run_coroutine_threadsafe(coro, holder["loop"]).result(timeout)
+    with serve_on_ray(config) as served:
+        yield served
 
 
 async def stream(http: httpx.AsyncClient, url: str, i: int) -> tuple[int, int, str]:
@@ -72,19 +44,18 @@ async def stream(http: httpx.AsyncClient, url: str, i: int) -> tuple[int, int, s
     return reply.status_code, tokens, text[-200:]
 
 
-def test_adding_and_removing_a_generation_worker_under_load_loses_no_request(served) -> None:
-    server, holder = served
-    pools = holder["pools"]
+def test_adding_and_removing_a_generation_worker_under_load_loses_no_request(served: Served) -> None:
+    pools = served.pools
 
     async def load_while_resizing() -> tuple[list[tuple[int, int, str]], int]:
         async with httpx.AsyncClient(timeout=WAIT_S, limits=httpx.Limits(max_connections=64)) as http:
-            first = [asyncio.create_task(stream(http, server.url, i)) for i in range(NUM_REQUESTS // 2)]
-            added = await asyncio.to_thread(on_app_loop, holder, pools.add_worker("generation"))
-            second = [asyncio.create_task(stream(http, server.url, i)) for i in range(NUM_REQUESTS // 2, NUM_REQUESTS)]
+            first = [asyncio.create_task(stream(http, served.url, i)) for i in range(NUM_REQUESTS // 2)]
+            added = await asyncio.to_thread(served.on_app_loop, pools.add_worker("generation"))
+            second = [asyncio.create_task(stream(http, served.url, i)) for i in range(NUM_REQUESTS // 2, NUM_REQUESTS)]
             await asyncio.sleep(1.0)
-            running = (await _stats(next(i.address for i in pools.workers() if i.worker_id == "generation-0"))).num_running
+            running = (await stats_of(next(i.address for i in pools.workers() if i.worker_id == "generation-0"))).num_running
             assert running > 0, "generation-0 must hold streams when it is removed, or the drain is not tested"
-            finished = await asyncio.to_thread(on_app_loop, holder, pools.remove_worker("generation-0"))
+            finished = await asyncio.to_thread(served.on_app_loop, pools.remove_worker("generation-0"))
             assert added.worker_id == "generation-1"
             return await asyncio.gather(*first, *second), finished
 
@@ -94,18 +65,4 @@ def test_adding_and_removing_a_generation_worker_under_load_loses_no_request(ser
     assert finished_while_draining > 0  # the drain waited for streams that were running on it
     assert sorted(info.worker_id for info in pools.workers()) == ["context-0", "generation-1"]
     assert pools.count("generation") == 1
-    deadline = time.monotonic() + 30
-    while True:
-        stats = [asyncio.run(_stats(info.address)) for info in pools.workers()]
-        if all(s.num_free_blocks == s.num_total_blocks and not s.num_leases and not s.num_running for s in stats):
-            break
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.2)
-
-
-async def _stats(address: str):
-    client = WorkerClient(address, timeout_s=10)
-    try:
-        return await client.stats()
-    finally:
-        await client.close()
+    served.wait_until_every_block_is_free(expected_workers=2)

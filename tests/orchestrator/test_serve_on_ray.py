@@ -14,25 +14,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
 import ray
 
+from ray_serving import WAIT_S, Served, serve_on_ray
 from tandem.orchestrator.worker_client import WorkerClient
 from tandem.workers.sampling_params import SamplingParams
-from worker_rpc import Server
 
 KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
-WAIT_S = 180  # a restarted actor loads torch and the model again on a busy 2-core machine
 LONG_PROMPT = "Tell me a long story about a lighthouse keeper who finds a message in a bottle. " * 2
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Server, dict[str, Any]]]:
-    from tandem.orchestrator.app import AppState, create_app
-    from tandem.orchestrator.serve import start_cluster
+def served() -> Iterator[Served]:
     from tandem.orchestrator.serve_config import ServeConfig
 
     pool = {"count": 2, "device": "cpu", "dtype": "float32", "kv_cache_bytes": KV_CACHE_BYTES}
@@ -42,56 +38,25 @@ def served() -> Iterator[tuple[Server, dict[str, Any]]]:
         "router": {"policy": "kv_aware", "local_prefill_max_tokens": 8, "max_retries": 2},
         "limits": {"request_timeout_s": 120},
     })
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
-             configure_logging=False)
-    holder: dict[str, Any] = {}
-
-    async def start() -> AppState:
-        state, holder["pools"] = await start_cluster(config, None)
-        return state
-
-    async def stop(state: AppState) -> None:
-        await holder["pools"].stop()
-        await state.cluster.close()
-
-    try:
-        server = Server(create_app(start, stop), start_timeout_s=WAIT_S)
-        yield server, holder
-        server.stop()
-    finally:
-        ray.shutdown()
+    with serve_on_ray(config) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served[0].url}/v1", api_key="unused", max_retries=0, timeout=180)
+def client(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=180)
 
 
-def worker_stats(holder: dict[str, Any]) -> dict[str, Any]:
-    async def ask() -> dict[str, Any]:
-        answers = {}
-        for info in holder["pools"].workers():
-            client = WorkerClient(info.address, timeout_s=10)
-            try:
-                answers[info.worker_id] = await client.stats()
-            finally:
-                await client.close()
-        return answers
-
-    return asyncio.run(ask())
-
-
-def computed(holder: dict[str, Any]) -> dict[str, int]:
-    return {worker: stats.num_prompt_tokens_computed for worker, stats in worker_stats(holder).items()}
+def computed(served: Served) -> dict[str, int]:
+    return {worker: stats.num_prompt_tokens_computed for worker, stats in served.worker_stats().items()}
 
 
 def test_kv_aware_follows_the_prefix_and_short_prompts_prefill_locally(served, client, smollm2) -> None:
     """context-1 computes the prefix first (called directly, as another router would); the app,
     which learns it from context-1's KV events, sends the longer prompt there although both
     context workers are idle (a tie goes to context-0)."""
-    _, holder = served
     prompt = smollm2.tokenizer.encode(LONG_PROMPT)
-    address = next(info.address for info in holder["pools"].workers() if info.worker_id == "context-1")
+    address = next(info.address for info in served.pools.workers() if info.worker_id == "context-1")
 
     async def seed() -> None:
         worker = WorkerClient(address, timeout_s=60)
@@ -104,14 +69,14 @@ def test_kv_aware_follows_the_prefix_and_short_prompts_prefill_locally(served, c
 
     asyncio.run(seed())
     time.sleep(1.0)  # the KV events reach the orchestrator's block index
-    before = computed(holder)
+    before = computed(served)
     client.completions.create(model="smollm2", prompt=prompt + prompt[:5], max_tokens=2, temperature=0)
-    after = computed(holder)
+    after = computed(served)
     grown = {w: after[w] - before[w] for w in after if after[w] > before[w]}
     assert list(grown) == ["context-1"] and grown["context-1"] < 16 + 5, grown  # only the uncached tail
     before = after
     client.completions.create(model="smollm2", prompt="Hi", max_tokens=2, temperature=0)
-    after = computed(holder)
+    after = computed(served)
     grown = {w for w in after if after[w] > before[w]}
     assert len(grown) == 1 and grown.pop().startswith("generation"), (before, after)
 
@@ -119,8 +84,7 @@ def test_kv_aware_follows_the_prefix_and_short_prompts_prefill_locally(served, c
 def test_a_generation_worker_killed_mid_stream_finishes_as_one_stream_and_frees_every_block(
     served, client, make_llm
 ) -> None:
-    _, holder = served
-    pools = holder["pools"]
+    pools = served.pools
     epochs = {info.worker_id: info.epoch for info in pools.workers()}
     stream = client.completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=48, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})
@@ -128,7 +92,7 @@ def test_a_generation_worker_killed_mid_stream_finishes_as_one_stream_and_frees_
     for chunk in stream:
         text.append(chunk.choices[0].text)
         if victim is None and len(text) == 6:
-            busy = [w for w, s in worker_stats(holder).items() if w.startswith("generation") and s.num_running]
+            busy = [w for w, s in served.worker_stats().items() if w.startswith("generation") and s.num_running]
             assert len(busy) == 1, busy
             victim = busy[0]
             ray.kill(pools.actor(victim), no_restart=False)  # its process dies; Ray restarts it
@@ -141,10 +105,4 @@ def test_a_generation_worker_killed_mid_stream_finishes_as_one_stream_and_frees_
             break
         assert time.monotonic() < deadline, f"{victim} did not come back"
         time.sleep(0.5)
-    deadline = time.monotonic() + 30
-    while True:
-        stats = worker_stats(holder)
-        if len(stats) == 4 and all(s.num_free_blocks == s.num_total_blocks and not s.num_leases for s in stats.values()):
-            break
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.2)
+    served.wait_until_every_block_is_free(expected_workers=4)

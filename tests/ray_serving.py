@@ -1,0 +1,91 @@
+"""The REST app over Ray worker pools, wired by the same function as `tandem serve`, for tests:
+a local Ray, the pools, uvicorn on a free port; everything stopped at the end. Plus what those
+tests ask the workers directly (Stats) and wait for (every block free)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import ray
+
+from tandem.orchestrator.worker_client import WorkerClient
+from worker_rpc import Server
+
+WAIT_S = 180  # workers load torch and a model on a busy 2-core machine
+
+
+class Served:
+    """A running app: its URL, its pools, and its event loop (the pools' calls run there)."""
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+        self.pools: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.extra: dict[str, Any] = {}  # what an on_start hook built
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def on_app_loop(self, coro: Awaitable[Any], timeout: float = WAIT_S) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def worker_stats(self) -> dict[str, Any]:
+        """Each serving worker's Stats, by worker id."""
+        async def ask() -> dict[str, Any]:
+            return {info.worker_id: await stats_of(info.address) for info in self.pools.workers()}
+
+        return asyncio.run(ask())
+
+    def wait_until_every_block_is_free(self, expected_workers: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.worker_stats()
+            if len(stats) == expected_workers and all(
+                s.num_free_blocks == s.num_total_blocks and not s.num_leases and not s.num_running for s in stats.values()
+            ):
+                return
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serve_on_ray(config: Any, on_start: Callable[[Served, Any], None] | None = None) -> Iterator[Served]:
+    """``config``: a ServeConfig; ``on_start(served, state)`` runs on the app's loop once the pools serve."""
+    from tandem.orchestrator.app import AppState, create_app
+    from tandem.orchestrator.serve import start_cluster
+
+    served = Served()
+
+    async def start() -> AppState:
+        served.loop = asyncio.get_running_loop()
+        state, served.pools = await start_cluster(config, None)
+        if on_start is not None:
+            on_start(served, state)
+        return state
+
+    async def stop(state: AppState) -> None:
+        await served.pools.stop()
+        await state.cluster.close()
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
+             configure_logging=False)
+    try:
+        served.server = Server(create_app(start, stop), start_timeout_s=WAIT_S)
+        try:
+            yield served
+        finally:
+            served.server.stop()
+    finally:
+        ray.shutdown()
+
+
+async def stats_of(address: str):
+    client = WorkerClient(address, timeout_s=10)
+    try:
+        return await client.stats()
+    finally:
+        await client.close()
