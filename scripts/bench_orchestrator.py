@@ -31,15 +31,10 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
-import platform
 import queue
 import random
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,11 +47,11 @@ from bench_orchestrator_clients import (
     raise_open_files_limit,
     run_load,
 )
+from bench_processes import Processes, run_and_report
 from tandem.orchestrator.bench_stats import summarize_ms
 
 Json = dict[str, Any]
 MODEL = "synthetic"
-READY_TIMEOUT_S = 180
 STALL_HEALTH_P99_MS = 50.0
 OVERHEAD_GOAL_P50_MS = 2.0
 BLOCK_SIZE = 16
@@ -80,56 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-class Processes:
-    """Every process the benchmark starts. Each prints a JSON ready line on stdout; the rest of
-    its stdout and its stderr go to a log file. `stop` ends them all, newest first."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.started: dict[str, tuple[subprocess.Popen, threading.Event, list[dict]]] = {}
-
-    def launch(self, name: str, command: list[str]) -> None:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env)
-        ready, found = threading.Event(), []
-
-        def drain() -> None:  # keeps reading after the ready line, so the pipe never blocks it
-            for line in process.stdout:
-                if not found and line.startswith(b'{"event": "ready"'):
-                    found.append(json.loads(line))
-                    ready.set()
-                else:
-                    log.write(line)
-            log.close()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        self.started[name] = (process, ready, found)
-
-    def wait_ready(self, name: str) -> dict:
-        process, ready, found = self.started[name]
-        ready.wait(READY_TIMEOUT_S)
-        if not found:
-            tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{name} did not become ready (exit code {process.poll()}):\n{tail}")
-        return found[0]
-
-    def pid(self, name: str) -> int:
-        return self.started[name][0].pid
-
-    def stop(self) -> None:
-        for process, _, _ in reversed(self.started.values()):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process, _, _ in reversed(self.started.values()):
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 def worker_command(role: str, args: argparse.Namespace) -> list[str]:
@@ -374,26 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_app:
         return serve_app(args)
-    raise_open_files_limit()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the finally below
-    log_dir = Path(tempfile.mkdtemp(prefix="tandem-bench-orchestrator-"))
-    print(f"logs: {log_dir}", file=sys.stderr, flush=True)
-    processes = Processes(log_dir)
-    try:
-        result = run(args, processes)
-    finally:
-        processes.stop()
-    summary = {
-        "model": "synthetic (no model compute)",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "python": platform.python_version(),
-        **result,
-    }
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return run_and_report(args, run, "tandem-bench-orchestrator-", "synthetic (no model compute)")
 
 
 if __name__ == "__main__":

@@ -28,18 +28,14 @@ import asyncio
 import dataclasses
 import gc
 import json
-import os
-import platform
 import random
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_orchestrator import Processes
-from bench_orchestrator_clients import SSEConnection, StreamRecord, raise_open_files_limit
+from bench_processes import Processes, run_and_report
+from bench_orchestrator_clients import SSEConnection, StreamRecord
 
 from tandem.orchestrator.autoscale_policy import AutoscalePolicy
 from tandem.orchestrator.planner_load import WorkerProfile
@@ -261,24 +257,7 @@ def run(args: argparse.Namespace, processes: Processes) -> Json:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    raise_open_files_limit()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the finally below
-    log_dir = Path(tempfile.mkdtemp(prefix="tandem-check-simulator-"))
-    print(f"logs: {log_dir}", file=sys.stderr, flush=True)
-    processes = Processes(log_dir)
-    try:
-        result = run(args, processes)
-    finally:
-        processes.stop()
-    summary = {"model": "embedded SmolLM2-135M-Instruct, float32, CPU",
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-               "python": platform.python_version(), **result}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return run_and_report(parse_args(argv), run, "tandem-check-simulator-", "embedded SmolLM2-135M-Instruct, float32, CPU")
 
 
 if __name__ == "__main__":
