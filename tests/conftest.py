@@ -5,6 +5,7 @@ one copy; tests that need another KV-cache size build a new engine over the same
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,10 @@ from tandem.workers.llm import LLM
 from tandem.workers.scheduler import SchedulerConfig
 from tiny_models import TINY_LLAMA
 from worker_processes import start_worker  # noqa: F401  (a fixture: worker processes for a test module)
+
+# Tests start and stop several local Rays in a row on two busy cores; Ray's default 30 s wait for
+# a new GCS to bind its port was once too short there.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 CPU = torch.device("cpu")
 
