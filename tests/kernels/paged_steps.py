@@ -24,27 +24,41 @@ def random_cache(
 def paged_step(
     cached_lens: list[int], query_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator
 ) -> AttentionMetadata:
-    """A step appending query_lens[i] tokens after cached_lens[i]; sequences own shuffled,
-    non-adjacent blocks, and block tables are padded with 0."""
-    seq_lens = [c + q for c, q in zip(cached_lens, query_lens)]
-    needed = [-(-n // block_size) for n in seq_lens]
+    """A step appending query_lens[i] tokens after cached_lens[i], on DEVICE, over shuffled tables."""
+    tables = shuffled_block_tables(cached_lens, query_lens, block_size, num_blocks, gen)
+    return metadata_for(tables, cached_lens, query_lens, block_size, DEVICE)
+
+
+def shuffled_block_tables(
+    cached_lens: list[int], query_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Each sequence owns ceil(seq_len / block_size) shuffled, non-adjacent blocks; rows are padded
+    with 0. [num_seqs, max_blocks] int32 on the CPU."""
+    needed = [-(-(c + q) // block_size) for c, q in zip(cached_lens, query_lens)]
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     assert sum(needed) <= num_blocks
     table = torch.zeros(len(needed), max(needed), dtype=torch.int32)
     for i, n in enumerate(needed):
         table[i, :n] = torch.tensor(perm[:n])
         perm = perm[n:]
+    return table
+
+
+def metadata_for(
+    block_tables: torch.Tensor, cached_lens: list[int], query_lens: list[int], block_size: int, device: str | torch.device
+) -> AttentionMetadata:
+    """Metadata, on ``device``, of a step that appends query_lens[i] tokens after cached_lens[i]."""
+    seq_lens = [c + q for c, q in zip(cached_lens, query_lens)]
     slots = [
-        int(table[i, pos // block_size]) * block_size + pos % block_size
-        for i, (c, n) in enumerate(zip(cached_lens, seq_lens))
-        for pos in range(c, n)
+        int(block_tables[i, pos // block_size]) * block_size + pos % block_size
+        for i, (cached, seq_len) in enumerate(zip(cached_lens, seq_lens))
+        for pos in range(cached, seq_len)
     ]
-    starts = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
     return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-        block_tables=table.to(DEVICE),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(seq_lens),
         block_size=block_size,

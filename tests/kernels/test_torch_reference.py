@@ -1,12 +1,12 @@
 """TorchReferenceBackend against naive dense causal attention over the same keys and values."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import pytest
 import torch
 
+from paged_steps import metadata_for, shuffled_block_tables
 from tandem.kernels.interface import AttentionMetadata, BackendKind
 from tandem.kernels.select import select_backend
 from tandem.kernels.torch_reference import TorchReferenceBackend
@@ -14,41 +14,6 @@ from tandem.kernels.torch_reference import TorchReferenceBackend
 NUM_LAYERS = 3
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 LAYER = 1  # the layer under test, in the middle of the block-major cache
-
-
-def make_metadata(
-    cached_lens: list[int], query_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator
-) -> AttentionMetadata:
-    """Shuffled, non-contiguous block tables; each sequence owns ceil(seq_len / block_size) blocks."""
-    blocks_needed = [-(-(c + q) // block_size) for c, q in zip(cached_lens, query_lens)]
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    assert sum(blocks_needed) <= num_blocks
-    block_tables = torch.zeros(len(blocks_needed), max(blocks_needed), dtype=torch.int32)
-    for i, n in enumerate(blocks_needed):
-        block_tables[i, :n] = torch.tensor(perm[:n])
-        perm = perm[n:]
-    return metadata_for(block_tables, cached_lens, query_lens, block_size)
-
-
-def metadata_for(
-    block_tables: torch.Tensor, cached_lens: list[int], query_lens: list[int], block_size: int
-) -> AttentionMetadata:
-    """Metadata of a step that appends query_lens[i] tokens after cached_lens[i] cached ones."""
-    seq_lens = [c + q for c, q in zip(cached_lens, query_lens)]
-    slots = [
-        int(block_tables[i, pos // block_size]) * block_size + pos % block_size
-        for i, (cached, seq_len) in enumerate(zip(cached_lens, seq_lens))
-        for pos in range(cached, seq_len)
-    ]
-    return AttentionMetadata(
-        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=block_tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_lens_cpu=tuple(query_lens),
-        seq_lens_cpu=tuple(seq_lens),
-        block_size=block_size,
-    )
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -70,7 +35,8 @@ def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, dev
     # Block-major cache of all layers filled with huge finite garbage, as stale blocks would be:
     # a slot read without being written, or a padding slot given any weight, wrecks the output.
     full = torch.full((num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim), 1.0e4)
-    meta = to_device(make_metadata(cached_lens, query_lens, block_size, num_blocks, gen), device)
+    tables = shuffled_block_tables(cached_lens, query_lens, block_size, num_blocks, gen)
+    meta = metadata_for(tables, cached_lens, query_lens, block_size, device)
     full = full.to(device)
     kv_cache = full[:, LAYER]
     backend = TorchReferenceBackend()
@@ -78,9 +44,9 @@ def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, dev
     seq_v = [torch.randn(c + q, num_kv_heads, head_dim, generator=gen) for c, q in zip(cached_lens, query_lens)]
     # The cached prefixes were written by earlier steps: store them through the same slot arithmetic.
     if sum(cached_lens):
-        prefix = metadata_for(meta.block_tables, [0] * len(cached_lens), cached_lens, block_size)
+        prefix = metadata_for(tables, [0] * len(cached_lens), cached_lens, block_size, device)
         prefix_k, prefix_v = prefix_kv(seq_k, seq_v, cached_lens)
-        backend.store_kv(kv_cache, prefix_k.to(device), prefix_v.to(device), to_device(prefix, device))
+        backend.store_kv(kv_cache, prefix_k.to(device), prefix_v.to(device), prefix)
     new_k = torch.cat([k[c:] for k, c in zip(seq_k, cached_lens)])
     new_v = torch.cat([v[c:] for v, c in zip(seq_v, cached_lens)])
     backend.store_kv(kv_cache, new_k.to(device), new_v.to(device), meta)
@@ -92,16 +58,6 @@ def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, dev
         torch.testing.assert_close(out[start : start + q_len], expected, atol=1e-5, rtol=1e-5)
         start += q_len
     assert (full[:, LAYER - 1] == 1.0e4).all() and (full[:, LAYER + 1] == 1.0e4).all()  # other layers untouched
-
-
-def to_device(meta: AttentionMetadata, device: str) -> AttentionMetadata:
-    return dataclasses.replace(
-        meta,
-        query_start_loc=meta.query_start_loc.to(device),
-        seq_lens=meta.seq_lens.to(device),
-        block_tables=meta.block_tables.to(device),
-        slot_mapping=meta.slot_mapping.to(device),
-    )
 
 
 def prefix_kv(
