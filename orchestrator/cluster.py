@@ -98,10 +98,17 @@ class Cluster:
 
     def transfer_report(self) -> dict[str, Any]:
         """The KV hand-off paths between the live context and generation workers (see TransferPaths)."""
+        return self.transfer_paths.report(*self._handoff_roles())
+
+    def transfer_status(self) -> str:
+        """TransferPaths.status of the live context and generation workers."""
+        return self.transfer_paths.status(*self._handoff_roles())
+
+    def _handoff_roles(self) -> tuple[list[str], list[str]]:
         by_role: dict[str, list[str]] = {"context": [], "generation": []}
         for worker_id, member in self._members.items():
             by_role.get(member.info.role, []).append(worker_id)
-        return self.transfer_paths.report(by_role["context"], by_role["generation"])
+        return by_role["context"], by_role["generation"]
 
     def client(self, worker_id: str) -> WorkerClient:
         return self._members[worker_id].client

@@ -88,7 +88,7 @@ class Pipeline:
         self, request_id: str, prompt: list[int], params: dict[str, Any], waterfall: Waterfall
     ) -> AsyncIterator[GenerateDelta]:
         loads = self.cluster.loads()
-        if self.cluster.transfer_report()["status"] == "failing":  # every hand-off fails: prefill locally
+        if self.cluster.transfer_status() == "failing":  # every hand-off fails: prefill locally
             loads = [load for load in loads if load.role != "context"]
         route = self.router.route(len(prompt), self.cluster.cached_blocks(prompt), loads, self.cluster.block_size)
         waterfall.route = route

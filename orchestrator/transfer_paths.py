@@ -34,21 +34,25 @@ class TransferPaths:
         """A worker left or restarted: its paths start over untested."""
         self._last = {pair: o for pair, o in self._last.items() if worker_id not in pair}
 
-    def report(self, context_workers: list[str], generation_workers: list[str]) -> dict[str, Any]:
-        """Status of the paths between live workers: ``ok`` (no recent failure), ``degraded``
-        (some pairs failed recently), ``failing`` (every pair failed recently), or ``none`` (no
-        pair to hand KV over), with the last outcome of each pair that has one."""
+    def status(self, context_workers: list[str], generation_workers: list[str]) -> str:
+        """Of the paths between live workers: ``ok`` (no recent failure), ``degraded`` (some pairs
+        failed recently), ``failing`` (every pair failed recently), or ``none`` (no pair to hand
+        KV over). Cheap: the pipeline asks it for every request."""
         now = time.monotonic()
         pairs = [(c, g) for c in context_workers for g in generation_workers]
-        failing = [p for p in pairs if (o := self._last.get(p)) and not o.ok and now - o.at < self.failure_window_s]
+        failing = sum(1 for p in pairs if (o := self._last.get(p)) and not o.ok and now - o.at < self.failure_window_s)
         if not pairs:
-            status = "none"
-        elif not failing:
-            status = "ok"
-        else:
-            status = "failing" if len(failing) == len(pairs) else "degraded"
+            return "none"
+        if not failing:
+            return "ok"
+        return "failing" if failing == len(pairs) else "degraded"
+
+    def report(self, context_workers: list[str], generation_workers: list[str]) -> dict[str, Any]:
+        """``status`` with the last outcome of each live pair that has one (for /health)."""
+        now = time.monotonic()
+        pairs = [(c, g) for c in context_workers for g in generation_workers]
         paths = {
             f"{c}->{g}": {"ok": o.ok, "seconds_ago": round(now - o.at, 1), "detail": o.detail}
             for (c, g) in pairs if (o := self._last.get((c, g))) is not None
         }
-        return {"status": status, "paths": paths}
+        return {"status": self.status(context_workers, generation_workers), "paths": paths}
