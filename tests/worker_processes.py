@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +75,12 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWork
     started: list[WorkerProcess] = []
     log_dir = tmp_path_factory.mktemp("worker-logs")
 
-    def start(role: str, *args: str) -> WorkerProcess:
+    def start(role: str, *args: str, env: Mapping[str, str] | None = None) -> WorkerProcess:
         log_path = log_dir / f"{role}-{len(started)}.log"
         command = [sys.executable, "-m", "tandem.workers.main", "--role", role, "--port", "0", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # several workers share two cores
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # several workers share two cores
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=environment)
         try:
             ready = _read_ready_line(process, READY_TIMEOUT_S)
         except BaseException:

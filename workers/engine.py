@@ -105,6 +105,7 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.tokenizer: PreTrainedTokenizerBase | None = loaded.tokenizer
+        self.hf_config = loaded.config  # what a model card for another frontend (Dynamo) is written from
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = device

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--stage-min-runs", type=int, default=None,
         help="stage a handle's blocks when they form more runs of adjacent ids than this (default 32)",
     )
+    parser.add_argument(
+        "--dynamo", action="store_true",
+        help="also register with NVIDIA Dynamo's runtime (configured by DYN_* variables; see docs/dynamo.md)",
+    )
+    parser.add_argument("--dynamo-namespace", default="dynamo", help="Dynamo namespace to register in")
 
 
 @dataclass
@@ -71,10 +77,15 @@ class RunningWorker:
     short grace for in-flight RPCs), then the worker, the KV-event publisher and NIXL. Idempotent."""
 
     ready: dict[str, Any]
+    worker: Any  # tandem.workers.worker.Worker (not imported here: `tandem --help` stays torch-free)
     _resources: contextlib.AsyncExitStack
 
     async def stop(self) -> None:
         await self._resources.aclose()
+
+    def stop_first(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run callback at the start of stop(), before the server and the worker close."""
+        self._resources.push_async_callback(callback)
 
 
 def resolve_hosts(args: argparse.Namespace) -> tuple[str, str]:
@@ -118,7 +129,9 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
             f"tcp://{bind_host}:{args.kv_events_port}",
             replay_endpoint=f"tcp://{bind_host}:{args.kv_events_replay_port}",
             topic=topic,
-            medium="GPU" if device.type == "cuda" else "CPU",
+            # The tier of the worker's main KV cache, whatever the device: Dynamo reads "CPU" as a
+            # host-offload tier and routes on "GPU" blocks only (vLLM sends "GPU" on a CPU too).
+            medium="GPU",
         )
         resources.callback(publisher.close)
         worker_config = WorkerConfig(
@@ -141,7 +154,7 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
             "dtype": str(engine.kv_cache_spec.dtype).removeprefix("torch."),
         }
         # Started: from here on the resources belong to the RunningWorker, not to this block.
-        return RunningWorker(ready, resources.pop_all())
+        return RunningWorker(ready, worker, resources.pop_all())
 
 
 def _load_engine(args: argparse.Namespace):
@@ -182,8 +195,18 @@ def _staging_blocks(args: argparse.Namespace, engine, device) -> int:
 
 async def serve(args: argparse.Namespace) -> None:
     """The CLI path: start, print the ready line, serve until SIGTERM or SIGINT, stop."""
+    if args.dynamo:
+        from tandem.workers.dynamo import import_dynamo
+
+        import_dynamo()  # before the model loads: a missing extra is said at once
     running = await start_worker_server(args)
     try:
+        if args.dynamo:
+            from tandem.workers.dynamo import DynamoBackend
+
+            backend = DynamoBackend(running.worker, running.ready["kv_events_endpoint"], namespace=args.dynamo_namespace)
+            await backend.start()
+            running.stop_first(backend.stop)  # unregister before the worker stops answering
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -214,11 +237,12 @@ def _node_ip() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tandem.workers.dynamo import DynamoUnavailableError
     from tandem.workers.errors import ModelLoadError
 
     try:
         asyncio.run(serve(args))
-    except (ModelLoadError, ValueError, OSError) as error:
+    except (ModelLoadError, DynamoUnavailableError, ValueError, OSError) as error:
         print(f"tandem worker: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -5,6 +5,7 @@ subscription lands (slow joiner), so tests either publish probes until one is se
 history through replay; no test sleeps for a fixed time.
 """
 
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -180,6 +181,24 @@ def test_block_pool_events_reach_a_raw_subscriber(
     assert [batch[1] for batch in raw] == expected_pool_wire("GPU")
     assert all(0 <= h < 2**64 for batch in raw for event in batch[1] for h in event.get("block_hashes", []))
     assert recv_frames(sub, 50) is None  # the empty flush sent nothing
+
+
+def test_pub_frames_byte_for_byte(ctx: zmq.Context, make_publisher: Callable[..., Any]) -> None:
+    """The codec's bytes (golden: test_kv_event_wire.py) for the publisher's settings, behind the
+    topic and the seq as 8 bytes big-endian counting batches from 0 (probes are batches 0..n-1)."""
+    topic = kv_event_topic("w0", 0, "tiny")
+    publisher = make_publisher(topic=topic, medium="GPU", encoding="array", data_parallel_rank=0)
+    sub = raw_sub(ctx, publisher.endpoint)
+    send_probe, probes = counting_probe(publisher)
+    probe_until_seen(send_probe, lambda: recv_frames(sub, 20))
+    seq = len(probes).to_bytes(8, "big")
+    publisher.publish(EVENTS)
+    while (frames := recv_frames(sub)) is not None and frames[1] != seq:
+        pass  # late probes
+    assert frames is not None
+    (ts,) = struct.unpack(">d", frames[2][2:10])  # after fixarray(3) and the float64 marker
+    payload = encode_event_batch(ts, EVENTS, medium="GPU", encoding="array", data_parallel_rank=0)
+    assert frames == [topic.encode(), seq, payload] and abs(ts - time.time()) < 60
 
 
 def test_replay_serves_every_buffered_batch(ctx: zmq.Context, make_publisher: Callable[..., Any]) -> None:

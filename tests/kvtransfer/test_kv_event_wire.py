@@ -7,6 +7,7 @@ import pytest
 from tandem.kvtransfer.block_hash import hash_block_tokens
 from tandem.kvtransfer.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from tandem.kvtransfer.kv_event_wire import (
+    Encoding,
     EventBatch,
     KVEventDecodeError,
     decode_event_batch,
@@ -65,6 +66,43 @@ def test_decode_reads_older_and_newer_producers() -> None:
              "block_size": 2, "group_idx": 0, "kv_cache_spec_kind": "full_attention"}
     decoded = decode_event_batch(msgpack.packb([0.5, [newer], None]))
     assert decoded.events == (BlockStored((5,), None, (1, 2), 2),)
+
+
+# One fixed batch and its exact bytes in both forms. The map form is byte-identical to what msgspec
+# encodes for vLLM's structs, and vLLM's structs decode both forms (checked with msgspec 0.22).
+GOLDEN_TS = 1767225600.25
+BIG, PARENT = 0xFEDC_BA98_7654_3210, 0x0123_4567_89AB_CDEF  # BIG >= 2**63: a u64 on the wire
+GOLDEN_EVENTS: tuple[KVEvent, ...] = (
+    BlockStored((BIG, 7), PARENT, (1, 2, 3, 127, 128, 255, 65535, 65536), 4),
+    BlockRemoved((BIG,)),
+    AllBlocksCleared(),
+)
+_HEAD = b"\x93\xcb\x41\xda\x55\x6e\x40\x10\x00\x00"  # fixarray(3), float64 ts
+_BIG = b"\xcf\xfe\xdc\xba\x98\x76\x54\x32\x10"  # uint64
+_PARENT = b"\xcf\x01\x23\x45\x67\x89\xab\xcd\xef"  # uint64 too: above 2**32
+_TOKENS = b"\x98\x01\x02\x03\x7f\xcc\x80\xcc\xff\xcd\xff\xff\xce\x00\x01\x00\x00"  # fixint, uint8/16/32
+GOLDEN_MAP = (
+    _HEAD + b"\x93"  # 3 events
+    + b"\x88\xa4type\xabBlockStored\xacblock_hashes\x92" + _BIG + b"\x07\xb1parent_block_hash" + _PARENT
+    + b"\xa9token_ids" + _TOKENS + b"\xaablock_size\x04\xa7lora_id\xc0\xa6medium\xa3GPU\xa9lora_name\xc0"
+    + b"\x83\xa4type\xacBlockRemoved\xacblock_hashes\x91" + _BIG + b"\xa6medium\xa3GPU"
+    + b"\x81\xa4type\xb0AllBlocksCleared"
+    + b"\xc0"  # data_parallel_rank None
+)
+GOLDEN_ARRAY = (
+    _HEAD + b"\x93"
+    + b"\x98\xabBlockStored\x92" + _BIG + b"\x07" + _PARENT + _TOKENS + b"\x04\xc0\xa3GPU\xc0"
+    + b"\x93\xacBlockRemoved\x91" + _BIG + b"\xa3GPU"
+    + b"\x91\xb0AllBlocksCleared"
+    + b"\x02"  # data_parallel_rank 2
+)
+
+
+@pytest.mark.parametrize(("encoding", "rank", "golden"), [("map", None, GOLDEN_MAP), ("array", 2, GOLDEN_ARRAY)])
+def test_golden_bytes(encoding: Encoding, rank: int | None, golden: bytes) -> None:
+    assert encode_event_batch(GOLDEN_TS, GOLDEN_EVENTS, medium="GPU", encoding=encoding,
+                              data_parallel_rank=rank) == golden
+    assert decode_event_batch(golden) == EventBatch(GOLDEN_TS, GOLDEN_EVENTS, rank)
 
 
 STORED_MAP = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None, "token_ids": [1, 2],
