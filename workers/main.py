@@ -54,6 +54,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-timeout", type=float, default=10.0, help="seconds one KV READ may take")
     parser.add_argument("--kv-events-port", type=int, default=0, help="ZMQ PUB port for KV events; 0 picks one")
     parser.add_argument("--kv-events-replay-port", type=int, default=0, help="ZMQ ROUTER replay port; 0 picks one")
+    parser.add_argument(
+        "--kv-events-encoding", choices=["map", "array"], default="map",
+        help="KV events as tagged maps (vLLM >= #42892) or tagged arrays (older vLLM-format readers)",
+    )
     parser.add_argument("--nixl-threads", type=int, default=0, help="UCX backend progress threads (0: NIXL default)")
     parser.add_argument(
         "--staging-blocks", type=int, default=None,
@@ -132,6 +136,7 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
             # The tier of the worker's main KV cache, whatever the device: Dynamo reads "CPU" as a
             # host-offload tier and routes on "GPU" blocks only (vLLM sends "GPU" on a CPU too).
             medium="GPU",
+            encoding=args.kv_events_encoding,
         )
         resources.callback(publisher.close)
         worker_config = WorkerConfig(
