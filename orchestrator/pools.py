@@ -32,6 +32,7 @@ from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+KILL_CONFIRM_TIMEOUT_S = 15.0  # how long stop() waits for killed actors to be gone
 MAX_BACKOFF_S = 60.0  # between attempts to replace an actor that died for good
 
 
@@ -180,7 +181,9 @@ class WorkerPools:
         for worker_id, result in zip(self._actors, await asyncio.gather(*stops, return_exceptions=True)):
             if isinstance(result, BaseException):
                 logger.warning("worker %s did not stop cleanly: %r", worker_id, result)
+        actors = list(self._actors.values())
         self._kill_all()
+        await asyncio.gather(*(_until_dead(actor) for actor in actors))
         self._infos.clear()
 
     # -- internals ----------------------------------------------------------------------------
@@ -253,3 +256,18 @@ class WorkerPools:
                 self._actors[member.worker_id] = self._create(member)
             except (RayActorError, asyncio.TimeoutError):  # restarting
                 await asyncio.sleep(self._health_interval_s)
+
+
+async def _until_dead(actor: Any, timeout_s: float = KILL_CONFIRM_TIMEOUT_S) -> None:
+    """Wait until a killed actor stops answering: ray.kill only asks, and on a loaded machine a
+    call sent right after it can still be served, so "stopped" would not yet be true."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            await asyncio.wait_for(actor.ping.remote(), 1.0)
+        except RayActorError:
+            return
+        except asyncio.TimeoutError:
+            continue
+        await asyncio.sleep(0.1)
+    logger.warning("an actor killed %.0f s ago still answers", timeout_s)
