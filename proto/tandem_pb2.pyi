@@ -231,7 +231,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("api_version", "worker_id", "epoch", "role", "draining", "num_running", "num_waiting", "num_transferring", "num_free_blocks", "num_total_blocks", "num_leases", "num_leases_expired", "num_transferred_blocks", "num_transferred_bytes", "num_prompt_tokens_computed", "num_pinned_blocks")
+    __slots__ = ("api_version", "worker_id", "epoch", "role", "draining", "num_running", "num_waiting", "num_transferring", "num_free_blocks", "num_total_blocks", "num_leases", "num_leases_expired", "num_transferred_blocks", "num_transferred_bytes", "num_prompt_tokens_computed", "num_pinned_blocks", "num_unauthenticated")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class StatsResponse(_message.Message):
     NUM_TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     NUM_PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNAUTHENTICATED_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     worker_id: str
     epoch: int
@@ -264,7 +265,8 @@ class StatsResponse(_message.Message):
     num_transferred_bytes: int
     num_prompt_tokens_computed: int
     num_pinned_blocks: int
-    def __init__(self, api_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_transferring: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., num_leases_expired: _Optional[int] = ..., num_transferred_blocks: _Optional[int] = ..., num_transferred_bytes: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ...) -> None: ...
+    num_unauthenticated: int
+    def __init__(self, api_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_transferring: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., num_leases_expired: _Optional[int] = ..., num_transferred_blocks: _Optional[int] = ..., num_transferred_bytes: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_unauthenticated: _Optional[int] = ...) -> None: ...
 
 class TransferMetadataRequest(_message.Message):
     __slots__ = ()

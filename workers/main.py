@@ -34,7 +34,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=["context", "generation", "aggregated"], default="aggregated")
     parser.add_argument(
         "--host", default="127.0.0.1",
-        help="interface the gRPC server and KV events bind to; auto: all of them, advertising this node's IP",
+        help="interface the gRPC server and KV events bind to; auto: this node's cluster IP (0.0.0.0 binds all)",
     )
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (printed when ready)")
     parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker (default: --host)")
@@ -69,6 +69,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage a handle's blocks when they form more runs of adjacent ids than this (default 32)",
     )
     parser.add_argument(
+        "--cluster-token-file", default=None,
+        help="file holding the cluster's shared token; calls without it are refused"
+        " (default: $TANDEM_CLUSTER_TOKEN_FILE, else $TANDEM_CLUSTER_TOKEN, else no token)",
+    )
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over mutual TLS (with --tls-key, --tls-ca)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA that signed every cluster member's certificate")
+    parser.add_argument(
         "--dynamo", action="store_true",
         help="also register with NVIDIA Dynamo's runtime (configured by DYN_* variables; see docs/dynamo.md)",
     )
@@ -93,10 +101,12 @@ class RunningWorker:
 
 
 def resolve_hosts(args: argparse.Namespace) -> tuple[str, str]:
-    """(host to bind, host peers dial). ``--host auto`` binds every interface and advertises this
-    node's IP (``--advertise-host`` wins over that guess; the Ray actor passes Ray's node IP)."""
+    """(host to bind, host peers dial). ``--host auto`` binds this node's cluster address alone
+    (``--advertise-host`` wins over the guess; the Ray actor passes Ray's node IP), never every
+    interface: a worker takes no calls from outside the cluster's network by default."""
     if args.host == "auto":
-        return "0.0.0.0", args.advertise_host or _node_ip()
+        node = args.advertise_host or _node_ip()
+        return node, node
     return args.host, args.advertise_host or args.host
 
 
@@ -106,15 +116,19 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
     from tandem.kvtransfer.kv_event_stream import KVEventPublisher, kv_event_topic
     from tandem.kvtransfer.nixl_transfer import TransferEngine
     from tandem.proto import tandem_pb2_grpc
+    from tandem.workers.cluster_auth import TokenChecker, load_cluster_auth
+    from tandem.workers.peers import PeerClients
     from tandem.workers.server import WorkerService
     from tandem.workers.worker import Worker
     from tandem.workers.worker_types import Role, WorkerConfig
 
     epoch = time.time_ns() // 1000
     bind_host, advertise_host = resolve_hosts(args)
+    auth = load_cluster_auth(args.cluster_token_file, args.tls_cert, args.tls_key, args.tls_ca)
+    token_checker = TokenChecker(auth.token) if auth.token else None
     async with contextlib.AsyncExitStack() as resources:
-        server = grpc.aio.server()
-        port = server.add_insecure_port(f"{bind_host}:{args.port}")
+        server = grpc.aio.server(interceptors=[token_checker] if token_checker else None)
+        port = auth.add_port(server, f"{bind_host}:{args.port}")
         if port == 0:
             raise OSError(f"cannot bind gRPC to {bind_host}:{args.port}")
         resources.push_async_callback(server.stop, None)  # releases the port if a later step fails
@@ -143,9 +157,10 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
             role=Role(args.role), worker_id=worker_id, epoch=epoch, address=address, model=model_name,
             lease_seconds=args.lease_seconds, transfer_timeout_s=args.transfer_timeout,
         )
-        worker = Worker(engine, worker_config, transfer, publisher)
+        worker = Worker(engine, worker_config, transfer, publisher, PeerClients(auth))
         kv_events = (_advertised(publisher.endpoint, advertise_host), _advertised(publisher.replay_endpoint, advertise_host), topic)
-        tandem_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, kv_events), server)
+        refused = (lambda: token_checker.num_refused) if token_checker else (lambda: 0)
+        tandem_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, kv_events, refused), server)
         worker.start()
         resources.push_async_callback(worker.stop)
         await server.start()
@@ -242,12 +257,13 @@ def _node_ip() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tandem.workers.cluster_auth import ClusterAuthError
     from tandem.workers.dynamo import DynamoUnavailableError
     from tandem.workers.errors import ModelLoadError
 
     try:
         asyncio.run(serve(args))
-    except (ModelLoadError, DynamoUnavailableError, ValueError, OSError) as error:
+    except (ModelLoadError, DynamoUnavailableError, ClusterAuthError, ValueError, OSError) as error:
         print(f"tandem worker: error: {error}", file=sys.stderr)
         return 2
     return 0

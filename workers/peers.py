@@ -11,18 +11,20 @@ import grpc
 from tandem.kvtransfer.leases import KVHandle, StaleHandleError
 from tandem.kvtransfer.transfer_types import PeerMetadata
 from tandem.proto import tandem_pb2, tandem_pb2_grpc
+from tandem.workers.cluster_auth import ClusterAuth
 from tandem.workers.errors import PairingError, PeerUnavailableError
 from tandem.workers.pairing import PairingInfo
 from tandem.workers.wire import handle_to_proto
 
 
 class PeerClients:
-    def __init__(self) -> None:
+    def __init__(self, auth: ClusterAuth = ClusterAuth()) -> None:
+        self._auth = auth  # peers are cluster members: they want our token and certificate too
         self._stubs: dict[str, tuple[grpc.aio.Channel, tandem_pb2_grpc.WorkerStub]] = {}
 
     def _stub(self, address: str) -> tandem_pb2_grpc.WorkerStub:
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address)
+            channel = self._auth.channel(address)
             self._stubs[address] = (channel, tandem_pb2_grpc.WorkerStub(channel))
         return self._stubs[address][1]
 

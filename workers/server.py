@@ -78,9 +78,10 @@ def _request_id(request_id: str) -> str:
 
 
 class WorkerService(tandem_pb2_grpc.WorkerServicer):
-    def __init__(self, worker: Worker, kv_events: tuple[str, str, str]) -> None:
+    def __init__(self, worker: Worker, kv_events: tuple[str, str, str], num_refused: Callable[[], int] = lambda: 0) -> None:
         self.worker = worker
         self.kv_events = kv_events  # (endpoint, replay endpoint, topic)
+        self.num_refused = num_refused  # calls the cluster-token check turned away
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         result = await _answer(context, lambda: self._prefill(request))
@@ -143,7 +144,7 @@ class WorkerService(tandem_pb2_grpc.WorkerServicer):
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         stats = dict(await self.worker.stats())
         stats["role"] = _ROLE_TO_PROTO[Role(stats["role"])]
-        return pb.StatsResponse(**stats)
+        return pb.StatsResponse(**stats, num_unauthenticated=self.num_refused())
 
     async def GetTransferMetadata(
         self, request: pb.TransferMetadataRequest, context: grpc.aio.ServicerContext

@@ -58,6 +58,7 @@ class Worker:
         config: WorkerConfig,
         transfer: TransferEngine,
         publisher: KVEventPublisher | None = None,
+        peers: PeerClients | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -80,7 +81,7 @@ class Worker:
             hooks=[self._expire_leases, self._take_acknowledgements, self._reap_abandoned, self._flush_events],
             on_held_kv=self._grant_lease,
         )
-        self.peers = PeerClients()
+        self.peers = peers or PeerClients()
         self.draining = False
         self.num_transferred_blocks = 0
         self.num_transferred_bytes = 0
