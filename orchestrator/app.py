@@ -18,7 +18,9 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 
 from tandem.orchestrator.cluster import Cluster
 from tandem.orchestrator.interval_stats import IntervalStats
@@ -43,7 +45,7 @@ from tandem.orchestrator.openai_protocol import (
     usage,
 )
 from tandem.orchestrator.pipeline import Pipeline, Waterfall
-from tandem.orchestrator.request_gate import RequestGate
+from tandem.orchestrator.request_gate import CLOSE, RequestGate
 from tandem.orchestrator.router import RoutingError
 from tandem.orchestrator.worker_client import GenerateDelta, WorkerCallError
 
@@ -68,6 +70,8 @@ class AppState:
     max_concurrent_requests: int = 256
     api_key: str | None = None
     max_model_len: int | None = None  # limits.max_model_len; None: the model's (and KV cache's) own
+    max_request_bytes: int = 4 << 20  # limits.max_request_bytes
+    request_body_timeout_s: float = 30.0  # limits.request_body_timeout_s
     in_flight: int = 0
     interval_stats: IntervalStats = field(default_factory=IntervalStats)  # what the autoscaler reads
 
@@ -93,11 +97,7 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
 
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, lifespan=lifespan)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
-        return JSONResponse(error_body(error), status_code=error.status, headers=headers)
-
+    _add_error_handlers(app)
     app.add_middleware(RequestGate, holder=holder)
 
     @app.get("/v1/models")
@@ -121,19 +121,19 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(holder["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         state, metrics = holder["state"], holder["metrics"]
-        body = parse_request(CompletionRequest, await request.body())
+        body = parse_request(CompletionRequest, await _read_json(request))
         _check_model(state, body.model)
         prompt_ids = state.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         params = body.sampling_params()
         return await _respond(state, metrics, "cmpl", prompt_ids, params, body.stream, body.include_usage)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         state, metrics = holder["state"], holder["metrics"]
-        body = parse_request(ChatCompletionRequest, await request.body())
+        body = parse_request(ChatCompletionRequest, await _read_json(request))
         _check_model(state, body.model)
         try:
             prompt_ids = state.tokenizer.apply_chat_template(body.template_messages())
@@ -143,6 +143,49 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
         return await _respond(state, metrics, "chatcmpl", prompt_ids, params, body.stream, body.include_usage)
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is answered as an OpenAI error object."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        if error.status in (408, 413, 415):  # the body was left unread: the connection carries no next request
+            headers = CLOSE
+        return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+    @app.exception_handler(HTTPException)  # no such route (404) or method (405): OpenAI-shaped too
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error = APIError.from_http_status(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        return JSONResponse(error_body(error), status_code=error.status, headers=exc.headers)
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of an endpoint that reads and validates its body itself (so that
+    FastAPI's own validation, lax and answering 422, stays out), with the model's refs inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict) and "$ref" in node:
+            return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+        if isinstance(node, dict):
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+async def _read_json(request: Request) -> bytes:
+    """The body of a JSON request. A body declared as anything else is refused (415): a browser
+    sends text/plain or a form across origins without asking first. No Content-Type is taken as JSON."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        kind, _, subtype = content_type.partition(";")[0].strip().lower().partition("/")
+        if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+            raise APIError.unsupported_media_type(content_type)
+    return await request.body()
 
 
 def _check_model(state: AppState, model: str | None) -> None:

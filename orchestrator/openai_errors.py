@@ -52,6 +52,32 @@ class APIError(Exception):
     def server_error(cls, message: str, *, status: int = 500) -> APIError:
         return cls(status, ErrorType.SERVER, message)
 
+    @classmethod
+    def body_too_large(cls, max_bytes: int) -> APIError:
+        message = f"The request body is larger than this server's limit of {max_bytes} bytes."
+        return cls(413, ErrorType.INVALID_REQUEST, message, code="request_too_large")
+
+    @classmethod
+    def body_timeout(cls, timeout_s: float) -> APIError:
+        message = f"The request body did not arrive within {timeout_s:g} s."
+        return cls(408, ErrorType.INVALID_REQUEST, message, code="request_timeout")
+
+    @classmethod
+    def client_closed(cls) -> APIError:
+        """The client left before its request body arrived (499, as nginx logs it): nobody reads this."""
+        message = "The client closed the connection before sending the whole request body."
+        return cls(499, ErrorType.INVALID_REQUEST, message)
+
+    @classmethod
+    def unsupported_media_type(cls, content_type: str) -> APIError:
+        message = f"Unsupported Content-Type {content_type!r}: send the request body as application/json."
+        return cls(415, ErrorType.INVALID_REQUEST, message, code="unsupported_media_type")
+
+    @classmethod
+    def from_http_status(cls, status: int, detail: str) -> APIError:
+        """The error of a route the app does not have (404) or a method it does not take (405)."""
+        return cls(status, ErrorType.NOT_FOUND if status == 404 else ErrorType.INVALID_REQUEST, detail)
+
 
 def error_body(err: APIError) -> dict[str, Any]:
     return {"error": {"message": err.message, "type": err.type.value, "param": err.param, "code": err.code}}

@@ -41,6 +41,7 @@ MAX_STOP = 4
 DEFAULT_TEMPERATURE = 1.0
 MIN_LOGPROB = -9999.0  # JSON has no -inf: a zero-probability token reports this (as vLLM does)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_TOKEN_ID, MAX_TOP_K = 2**32 - 1, 2**31 - 1  # the wire's uint32 and int32 (proto/tandem.proto)
 SSE_DONE = b"data: [DONE]\n\n"
 FinishReason = Literal["stop", "length"]
 Json = dict[str, Any]
@@ -80,11 +81,11 @@ class _SamplingRequest(BaseModel):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1 disables
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)  # extension; 0 or -1 disables
     min_p: float | None = Field(None, ge=0, le=1)  # extension
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOP)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # extension
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None  # extension
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # extension
@@ -148,7 +149,7 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-_TokenIds = list[Annotated[int, Field(ge=0)]]
+_TokenIds = list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]]
 
 
 class CompletionRequest(_SamplingRequest):

@@ -152,4 +152,5 @@ async def app_state(cluster: Cluster, tokenizer_worker_id: str, config: ServeCon
                         request_timeout_s=config.limits.request_timeout_s)
     return AppState(pipeline, cluster, tokenizer, served_model_name=config.served_model_name or tokenizer.model,
                     max_concurrent_requests=config.limits.max_concurrent_requests, api_key=api_key,
-                    max_model_len=config.limits.max_model_len)
+                    max_model_len=config.limits.max_model_len, max_request_bytes=config.limits.max_request_bytes,
+                    request_body_timeout_s=config.limits.request_body_timeout_s)

@@ -82,6 +82,10 @@ class LimitsConfig(Section):
     """Prompt plus completion tokens; None: the model's context length."""
     request_timeout_s: float = Field(600.0, gt=0)
     """Wall-clock limit of one request."""
+    max_request_bytes: int = Field(4 << 20, ge=1)
+    """Largest request body; a larger one is refused with 413 before it is read, let alone tokenized."""
+    request_body_timeout_s: float = Field(30.0, gt=0)
+    """Time a request's whole body has to arrive; a slower one is refused with 408."""
 
 
 class ServerConfig(Section):

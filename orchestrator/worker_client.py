@@ -70,6 +70,8 @@ class GenerateDelta:
 def sampling_params_to_proto(params: Mapping[str, Any]) -> pb.SamplingParams:
     """A dict with SamplingParams' field names -> the wire message (None means unset)."""
     fields = {key: value for key, value in params.items() if value is not None}
+    if "seed" in fields:  # torch reads a negative seed as its two's complement; the wire's uint64 needs that form
+        fields["seed"] %= 2**64
     for key in ("stop", "stop_token_ids"):
         if key in fields:
             fields[key] = list(fields[key])
