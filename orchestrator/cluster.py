@@ -21,6 +21,7 @@ from tandem.orchestrator.router import WorkerLoad
 from tandem.orchestrator.transfer_paths import TransferPaths
 from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
 from tandem.proto import tandem_pb2 as pb
+from tandem.workers.cluster_auth import ClusterAuth
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ class _Member:
 
 
 class Cluster:
-    def __init__(self, block_size: int, *, stats_interval_s: float = 0.5) -> None:
+    def __init__(self, block_size: int, *, stats_interval_s: float = 0.5, auth: ClusterAuth = ClusterAuth()) -> None:
         self.block_size = block_size
+        self.auth = auth
         self.index = BlockIndex(block_size)
         self.follower = KVEventFollower(self.index)
         self.stats_interval_s = stats_interval_s
@@ -70,7 +72,7 @@ class Cluster:
             self._retired.append(old.client)
         self.transfer_paths.forget(info.worker_id)
         load = WorkerLoad(info.worker_id, info.role, 0, 0, 0, 0, 0, healthy=True)
-        self._members[info.worker_id] = _Member(info, WorkerClient(info.address), load)
+        self._members[info.worker_id] = _Member(info, WorkerClient(info.address, auth=self.auth), load)
         self.follower.follow(
             info.worker_id, info.epoch, info.kv_events_endpoint, info.kv_events_replay_endpoint, info.kv_events_topic
         )

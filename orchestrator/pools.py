@@ -28,6 +28,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from tandem.orchestrator.cluster import WorkerInfo
 from tandem.orchestrator.worker_client import WorkerCallError, WorkerClient
+from tandem.workers.cluster_auth import TOKEN_ENV, ClusterAuth
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ class WorkerPools:
         health_interval_s: float = 1.0,
         ready_timeout_s: float = 600,
         ping_timeout_s: float = 10.0,
+        auth: ClusterAuth = ClusterAuth(),
     ) -> None:
         self._members = [_Member(f"{spec.role}-{i}", spec) for spec in specs for i in range(spec.count)]
         self._on_up = on_up
+        self._auth = auth  # drains call workers; and a token the orchestrator holds, its workers get
         self._on_down = on_down
         self._health_interval_s = health_interval_s
         self._ready_timeout_s = ready_timeout_s
@@ -146,7 +149,7 @@ class WorkerPools:
         self._notify(self._on_down, worker_id)
         finished = 0
         if info is not None:
-            client = WorkerClient(info.address, timeout_s=drain_timeout_s)
+            client = WorkerClient(info.address, timeout_s=drain_timeout_s, auth=self._auth)
             try:
                 finished = await client.drain()
             except WorkerCallError as error:  # stop it anyway: its leases expire on their own
@@ -195,6 +198,8 @@ class WorkerPools:
             max_restarts=-1, max_task_retries=0, num_cpus=member.spec.num_cpus,
             num_gpus=member.spec.num_gpus, resources=dict(member.spec.resources),
         )
+        if self._auth.token:  # by Ray's runtime env: whoever can read that can run code on the cluster anyway
+            options["runtime_env"] = {"env_vars": {TOKEN_ENV: self._auth.token}}
         return ray.remote(WorkerActor).options(**options).remote(member.argv())
 
     async def _first_ready(self, member: _Member) -> WorkerInfo:

@@ -23,6 +23,7 @@ from tandem.orchestrator.cluster import Cluster
 from tandem.orchestrator.planner import Planner
 from tandem.orchestrator.planner_load import WorkerProfile
 from tandem.orchestrator.serve_config import PoolConfig, ServeConfig, ServeConfigError, load_serve_config
+from tandem.workers.cluster_auth import ClusterAuthError, load_cluster_auth
 
 if TYPE_CHECKING:
     from tandem.orchestrator.app import AppState
@@ -47,6 +48,9 @@ def worker_arguments(config: ServeConfig, pool: PoolConfig) -> list[str]:
         args += ["--kv-cache-bytes", str(pool.kv_cache_bytes)]
     if pool.tp_size > 1:
         args += ["--tensor-parallel-size", str(pool.tp_size)]
+    security = config.security
+    if security.tls_cert:
+        args += ["--tls-cert", security.tls_cert, "--tls-key", security.tls_key or "", "--tls-ca", security.tls_ca or ""]
     return args
 
 
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config) if args.config else ServeConfig()
         planner = load_planner(config)
-    except (ServeConfigError, AutoscalePolicyError, ValueError, OSError) as error:
+    except (ServeConfigError, AutoscalePolicyError, ClusterAuthError, ValueError, OSError) as error:
         print(f"tandem serve: error: {error}", file=sys.stderr)
         return 2
     host = args.host or config.server.host
@@ -119,7 +123,9 @@ async def start_cluster(config: ServeConfig, api_key: str | None):
 
     active = config.active_pools()
     block_size = next(iter(active.values())).block_size
-    cluster = Cluster(block_size)
+    security = config.security
+    auth = load_cluster_auth(security.cluster_token_file, security.tls_cert, security.tls_key, security.tls_ca)
+    cluster = Cluster(block_size, auth=auth)
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     specs = [
         PoolSpec(role, pool.count, worker_arguments(config, pool), num_cpus=pool.num_cpus,
@@ -127,7 +133,7 @@ async def start_cluster(config: ServeConfig, api_key: str | None):
                  resources=dict(pool.resources))
         for role, pool in active.items()
     ]
-    pools = WorkerPools(specs, on_up=cluster.add, on_down=cluster.remove)
+    pools = WorkerPools(specs, on_up=cluster.add, on_down=cluster.remove, auth=auth)
     started = time.monotonic()
     print(f"Starting {sum(s.count for s in specs)} workers ({', '.join(f'{s.count} {s.role}' for s in specs)}); "
           "loading the model...", flush=True)

@@ -97,6 +97,18 @@ class ServerConfig(Section):
     """Name of the environment variable holding the API key; None: no authentication."""
 
 
+class SecurityConfig(Section):
+    """Who may call the workers (workers/cluster_auth.py). The token reaches the workers through
+    Ray; the TLS files must exist at the same paths on every node."""
+
+    cluster_token_file: str | None = None
+    """File holding the cluster's shared token; None: $TANDEM_CLUSTER_TOKEN_FILE, else $TANDEM_CLUSTER_TOKEN, else none."""
+    tls_cert: str | None = None
+    """PEM certificate for mutual TLS between the orchestrator and workers (with tls_key and tls_ca)."""
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+
 class AutoscaleConfig(Section):
     policy: str
     """The autoscaling policy YAML (orchestrator/autoscale_policy.py); a relative path is from the working directory."""
@@ -115,6 +127,7 @@ class ServeConfig(Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     autoscale: AutoscaleConfig | None = None
     """The planner resizes the context and generation pools; None: the pool counts stay fixed."""
 

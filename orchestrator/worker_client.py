@@ -15,6 +15,7 @@ import grpc
 
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc
+from tandem.workers.cluster_auth import ClusterAuth
 
 MODEL_INFO_MAX_MESSAGE_BYTES = 64 << 20
 
@@ -82,12 +83,12 @@ class WorkerClient:
     """One worker, one channel. ``timeout_s`` bounds unary calls; a stream's deadline is given
     per call."""
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 30.0, auth: ClusterAuth = ClusterAuth()) -> None:
         self.address = address
         self.timeout_s = timeout_s
         # GetModelInfo carries the tokenizer files (9 MB for Llama 3), over gRPC's 4 MiB default.
         options = [("grpc.max_receive_message_length", MODEL_INFO_MAX_MESSAGE_BYTES)]
-        self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._channel = auth.channel(address, options)  # the cluster token and TLS, when the cluster has them
         self._stub = tandem_pb2_grpc.WorkerStub(self._channel)
 
     async def prefill(

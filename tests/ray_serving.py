@@ -12,6 +12,7 @@ from typing import Any
 import ray
 
 from tandem.orchestrator.worker_client import WorkerClient
+from tandem.workers.cluster_auth import ClusterAuth
 from worker_rpc import Server
 
 WAIT_S = 180  # workers load torch and a model on a busy 2-core machine
@@ -25,6 +26,7 @@ class Served:
         self.pools: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.extra: dict[str, Any] = {}  # what an on_start hook built
+        self.auth = ClusterAuth()  # the cluster token and TLS the orchestrator calls workers with
 
     @property
     def url(self) -> str:
@@ -36,7 +38,7 @@ class Served:
     def worker_stats(self) -> dict[str, Any]:
         """Each serving worker's Stats, by worker id."""
         async def ask() -> dict[str, Any]:
-            return {info.worker_id: await stats_of(info.address) for info in self.pools.workers()}
+            return {info.worker_id: await stats_of(info.address, self.auth) for info in self.pools.workers()}
 
         return asyncio.run(ask())
 
@@ -63,6 +65,7 @@ def serve_on_ray(config: Any, on_start: Callable[[Served, Any], None] | None = N
     async def start() -> AppState:
         served.loop = asyncio.get_running_loop()
         state, served.pools = await start_cluster(config, None)
+        served.auth = state.cluster.auth
         if on_start is not None:
             on_start(served, state)
         return state
@@ -83,8 +86,8 @@ def serve_on_ray(config: Any, on_start: Callable[[Served, Any], None] | None = N
         ray.shutdown()
 
 
-async def stats_of(address: str):
-    client = WorkerClient(address, timeout_s=10)
+async def stats_of(address: str, auth: ClusterAuth = ClusterAuth()):
+    client = WorkerClient(address, timeout_s=10, auth=auth)
     try:
         return await client.stats()
     finally:

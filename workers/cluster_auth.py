@@ -58,7 +58,7 @@ class ClusterAuth:
 
     def channel(self, address: str, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
         """An asyncio channel to a worker that sends the token on every call."""
-        interceptors = [_TokenSender(self.token)] if self.token else None
+        interceptors = [_UnaryTokenSender(self.token), _StreamTokenSender(self.token)] if self.token else None
         if self.tls is not None:
             return grpc.aio.secure_channel(address, self.tls.channel_credentials(), options, interceptors=interceptors)
         return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
@@ -129,18 +129,23 @@ def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(unary, deserializer, serializer)
 
 
-class _TokenSender(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the token header to every outgoing call."""
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), (_HEADER, f"Bearer {token}"))
+    return details._replace(metadata=metadata)
 
+
+# One class per call shape: a channel files each interceptor under the first shape it matches.
+class _UnaryTokenSender(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
-        self._header = (_HEADER, f"Bearer {token}")
-
-    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
-        return details._replace(metadata=metadata)
+        self._token = token
 
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_token(details), request)
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _StreamTokenSender(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_token(details), request)
+        return await continuation(_with_token(details, self._token), request)
