@@ -210,9 +210,14 @@ async def _respond(
     meta = ResponseMeta(new_request_id(kind), state.served_model_name, int(time.time()))
     run = _Run(state, metrics, meta, prompt_ids, params, chat=kind == "chatcmpl")  # admitted: counted from here
     if stream:
-        # The background task frees the admission slot of a stream that never started (a client
-        # gone before the first byte); a stream that ran has freed it already.
-        return StreamingResponse(run.sse(include_usage), media_type="text/event-stream", background=BackgroundTask(run.release))
+        # The status line waits for the first delta, so that a request that fails before its first
+        # token (no worker, a worker that refused) still gets its status and Retry-After, as an
+        # unstreamed one does; after it, errors travel as events. The background task frees the
+        # admission slot of a stream that never started (a client gone before the first byte).
+        deltas = run.deltas()
+        first = await anext(deltas, None)
+        return StreamingResponse(run.sse(include_usage, _prepend(first, deltas)), media_type="text/event-stream",
+                                 background=BackgroundTask(run.release))
     return JSONResponse(await run.complete())
 
 
@@ -291,10 +296,10 @@ class _Run:
         build = chat_response if self.chat else completion_response
         return build(self.meta, "".join(text), finish, self.usage(), merged)
 
-    async def sse(self, include_usage: bool) -> AsyncIterator[bytes]:
+    async def sse(self, include_usage: bool, deltas: AsyncIterator[GenerateDelta]) -> AsyncIterator[bytes]:
         chunks = (ChatStream if self.chat else CompletionStream)(self.meta, include_usage)
         try:
-            async for delta in self.deltas():
+            async for delta in deltas:
                 finish = _openai_finish(delta.finish_reason)
                 if delta.text or finish or delta.logprobs:
                     yield format_sse(chunks.chunk(delta.text, logprobs=self.logprobs(delta), finish_reason=finish))
@@ -304,6 +309,13 @@ class _Run:
         except APIError as error:  # the status line is sent: the error travels as an event
             yield format_sse(error_body(error))
         yield SSE_DONE
+
+
+async def _prepend(first: GenerateDelta | None, rest: AsyncIterator[GenerateDelta]) -> AsyncIterator[GenerateDelta]:
+    if first is not None:
+        yield first
+    async for delta in rest:
+        yield delta
 
 
 def _openai_finish(reason: str | None) -> str | None:

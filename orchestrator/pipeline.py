@@ -24,7 +24,9 @@ from tandem.orchestrator.worker_client import GenerateDelta, PrefillReply, Worke
 logger = logging.getLogger(__name__)
 
 # Errors of a Generate call with a handle that say nothing about the KV transfer path.
-_NOT_TRANSFER_FAILURES = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "CANCELLED"})
+# DEADLINE_EXCEEDED is the orchestrator's own request deadline (a busy worker); a READ that times
+# out on the worker comes back as UNAVAILABLE.
+_NOT_TRANSFER_FAILURES = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "CANCELLED", "DEADLINE_EXCEEDED"})
 
 
 @dataclass(slots=True)
@@ -58,17 +60,19 @@ class Pipeline:
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: Mapping[str, Any], waterfall: Waterfall | None = None
     ) -> AsyncIterator[GenerateDelta]:
-        """Yield the request's deltas; raises WorkerCallError when it cannot finish."""
+        """Yield the request's deltas; raises WorkerCallError when it cannot finish. The request
+        timeout bounds the whole request, retries included, not each worker call."""
         waterfall = waterfall or Waterfall()
         emitted: list[int] = []
         start = time.perf_counter()
+        deadline = time.monotonic() + self.request_timeout_s
         while True:
             waterfall.attempts += 1
             attempt_id = request_id if waterfall.attempts == 1 else f"{request_id}.retry{waterfall.attempts - 1}"
             already = len(emitted)  # a retry's prompt ends with them; its counts start after them
             attempt_params = dict(params, max_tokens=params["max_tokens"] - already)
             try:
-                async for delta in self._attempt(attempt_id, [*prompt_ids, *emitted], attempt_params, waterfall):
+                async for delta in self._attempt(attempt_id, [*prompt_ids, *emitted], attempt_params, waterfall, deadline):
                     if delta.token_ids and len(emitted) <= 1:
                         _time_first_tokens(waterfall, len(emitted), time.perf_counter() - start)
                     if already:
@@ -79,14 +83,17 @@ class Pipeline:
                     yield delta
                 return
             except WorkerCallError as error:
-                if not error.retriable or waterfall.attempts > self.max_retries:
+                if not error.retriable or waterfall.attempts > self.max_retries or time.monotonic() >= deadline:
                     raise
                 waterfall.retries.append(f"{error.code}: {error.message}")
                 logger.warning("request %s: %s; retrying with %d tokens already streamed", request_id, error, len(emitted))
 
     async def _attempt(
-        self, request_id: str, prompt: list[int], params: dict[str, Any], waterfall: Waterfall
+        self, request_id: str, prompt: list[int], params: dict[str, Any], waterfall: Waterfall, deadline: float
     ) -> AsyncIterator[GenerateDelta]:
+        def time_left() -> float:
+            return max(deadline - time.monotonic(), 0.001)
+
         loads = self.cluster.loads()
         if self.cluster.transfer_status() == "failing":  # every hand-off fails: prefill locally
             loads = [load for load in loads if load.role != "context"]
@@ -95,14 +102,14 @@ class Pipeline:
         generation = self.cluster.client(route.generation_worker)
         if route.context_worker is None:
             with self._noting_failures(route.generation_worker):
-                async for delta in generation.generate(request_id, prompt, params, timeout_s=self.request_timeout_s):
+                async for delta in generation.generate(request_id, prompt, params, timeout_s=time_left()):
                     yield delta
             return
         context = self.cluster.client(route.context_worker)
         started = time.perf_counter()
         with self._noting_failures(route.context_worker):
             with self.cluster.prefill_in_flight(route.context_worker, len(prompt) - route.cached_tokens_on_context):
-                reply = await context.prefill(request_id, prompt, params, timeout_s=self.request_timeout_s)
+                reply = await context.prefill(request_id, prompt, params, timeout_s=time_left())
         waterfall.prefill_s = time.perf_counter() - started
         waterfall.queue_s = reply.queue_seconds
         yield _first_delta(reply)
@@ -114,7 +121,7 @@ class Pipeline:
             with self._noting_failures(route.generation_worker):
                 async for delta in generation.generate(
                     request_id, prompt, params, handle=reply.handle, first_token_id=reply.first_token_id,
-                    timeout_s=self.request_timeout_s,
+                    timeout_s=time_left(),
                 ):
                     if delta.transfer is not None:
                         waterfall.transfer_s = delta.transfer.seconds
