@@ -1,10 +1,12 @@
 """KV handles and the leases that pin their blocks on the worker that computed them.
 
 A context worker that hands a prompt's KV off keeps the blocks allocated under a lease until the
-generation worker acknowledges its READ (a NIXL notification), a router releases the handle, or
-the lease deadline passes. Expiry is the backstop that makes a dead or slow peer harmless: the
-blocks come back and a counter says how often it happened. A handle names the worker and its epoch;
-one from another worker or another epoch (a restart) is refused, never served with stale blocks.
+generation worker releases it after its READ (the answer tells the reader whether the lease was
+still live, so whether it read the lease's bytes), a router releases the handle, or the lease
+deadline passes; a reader's NIXL notification acknowledging its READ ends one too. Expiry is the
+backstop that makes a dead or slow peer harmless: the blocks come back and a counter says how
+often it happened. A handle names the worker and its epoch; one from another worker or another
+epoch (a restart) is refused, never served with stale blocks.
 
 Deadlines are wall-clock (``time.time``) because they travel between hosts inside the handle;
 the generation side finishes its READ a safety margin before the deadline (see workers/worker.py).
@@ -54,6 +56,10 @@ class StaleHandleError(LeaseError):
 
 class UnknownHandleError(LeaseError):
     """This worker never issued the handle."""
+
+
+class HandleMismatchError(LeaseError):
+    """The handle's id is a live lease's, but not its blocks, token count or staging slots."""
 
 
 @dataclass(slots=True)
@@ -131,6 +137,19 @@ class LeaseTable:
         self._remember_ended(handle_id)
         return lease.handle
 
+    def release(self, handle: KVHandle) -> KVHandle | None:
+        """end() for a handle a caller sends back: it must be of this worker and epoch (else
+        StaleHandleError) and, while its lease lives, name the lease's blocks, tokens and staging
+        slots (else HandleMismatchError, and the lease lives on). A reader that READ the blocks
+        the handle names learns here whether they were the lease's, pinned all along."""
+        self.check(handle.worker_id, handle.epoch)
+        lease = self._leases.get(handle.handle_id)
+        if lease is not None and _contents(handle) != _contents(lease.handle):
+            raise HandleMismatchError(
+                f"handle {handle.handle_id!r} names {_describe(handle)}, but its lease holds {_describe(lease.handle)}"
+            )
+        return self.end(handle.handle_id)
+
     def acknowledge(self, handle_id: str) -> KVHandle | None:
         """The peer finished its READ: like end(), counted, and silent about unknown ids (a
         notification from a peer is not an API call that could be answered with an error)."""
@@ -156,3 +175,14 @@ class LeaseTable:
         self._ended[handle_id] = None
         if len(self._ended) > HANDLE_MEMORY:
             self._ended.popitem(last=False)
+
+
+def _contents(handle: KVHandle) -> tuple:
+    return tuple(handle.block_ids), handle.num_tokens, handle.staging_offset
+
+
+def _describe(handle: KVHandle) -> str:
+    ids = handle.block_ids
+    shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+    staged = "" if handle.staging_offset is None else f", staged at {handle.staging_offset}"
+    return f"{handle.num_tokens} tokens in blocks [{shown}]{staged}"

@@ -4,7 +4,7 @@ Owns one NIXL agent (UCX backend) and the registration of the worker's whole KV-
 (:mod:`tandem.kvtransfer.kv_cache`, block-major, so block ``b`` of all layers is one contiguous
 region of ``bytes_per_block`` bytes at ``base + b * bytes_per_block``). The block owner
 publishes :class:`PeerMetadata`; a reader ``add_peer``s it and ``read_blocks`` pulls blocks with
-one NIXL READ whose notification tells the owner the read finished (its lease can be dropped).
+one NIXL READ, whose optional notification tells the owner the read finished.
 
 Life cycle::
 

@@ -13,7 +13,7 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from tandem.kvtransfer.block_pool import NoFreeBlocksError
-from tandem.kvtransfer.leases import StaleHandleError, UnknownHandleError
+from tandem.kvtransfer.leases import HandleMismatchError, StaleHandleError, UnknownHandleError
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc
 from tandem.workers.errors import InvalidRequestError, WorkerError
@@ -36,7 +36,7 @@ _ROLE_TO_PROTO = {Role.CONTEXT: pb.ROLE_CONTEXT, Role.GENERATION: pb.ROLE_GENERA
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, InvalidRequestError):
+    if isinstance(error, (InvalidRequestError, HandleMismatchError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, WorkerError):
         return grpc.StatusCode[error.status]

@@ -5,6 +5,8 @@ engine and the worker logic never see a protobuf message.
 """
 from __future__ import annotations
 
+import math
+
 from tandem.kvtransfer.leases import KVHandle, TransferMode
 from tandem.proto import tandem_pb2 as pb
 from tandem.workers.engine import RequestOutput
@@ -63,6 +65,11 @@ def handle_to_proto(handle: KVHandle) -> pb.KVHandle:
 def handle_from_proto(message: pb.KVHandle) -> KVHandle:
     if not (message.handle_id and message.worker_id and message.address):
         raise InvalidRequestError("kv_handle needs handle_id, worker_id and address", field="kv_handle")
+    if not math.isfinite(message.lease_deadline_unix):  # NaN would compare as "not yet" forever
+        raise InvalidRequestError("kv_handle lease_deadline_unix must be a finite time", field="kv_handle")
+    mode = _MODE_FROM_PROTO.get(message.mode)
+    if mode is None:  # a newer peer's mode: reading as if it were READ could read the wrong bytes
+        raise InvalidRequestError(f"kv_handle transfer mode {message.mode} is unknown here", field="kv_handle")
     return KVHandle(
         handle_id=message.handle_id,
         worker_id=message.worker_id,
@@ -72,7 +79,7 @@ def handle_from_proto(message: pb.KVHandle) -> KVHandle:
         block_ids=tuple(message.block_ids),
         num_tokens=message.num_tokens,
         lease_deadline=message.lease_deadline_unix,
-        mode=_MODE_FROM_PROTO.get(message.mode, TransferMode.READ),
+        mode=mode,
         staging_offset=message.staging_offset if message.HasField("staging_offset") else None,
     )
 

@@ -3,13 +3,15 @@
 Roles share the one engine. A **context** worker serves Prefill: it runs the prompt, samples the
 first token and keeps the prompt's blocks pinned under a lease, returned as a KVHandle. A
 **generation** worker serves Generate: given a handle it reserves blocks (reusing any prefix it
-holds), READs only the missing blocks from the handle's owner over NIXL, and decodes; without a
-handle it prefills locally. An **aggregated** worker does both.
+holds), READs only the missing blocks from the handle's owner over NIXL, has the owner confirm
+(Release) that the lease held throughout, and decodes; without a handle it prefills locally. An
+**aggregated** worker does both. A request id is served by one call at a time.
 
-Every wait is bounded: metadata fetches and releases by ``peer_timeout_s``, a READ by the lease
-deadline (minus ``lease_margin_s``, so a lease cannot end while its bytes are in flight) and by
-``transfer_timeout_s``. On any failure the request's reserved blocks go back to the pool; blocks
-a cancelled READ might still write are quarantined until NIXL reports the transfer over.
+Every wait is bounded: metadata fetches and releases by ``peer_timeout_s`` (a fetch also by the
+lease's time left), a READ by the lease deadline (minus ``lease_margin_s``, so a lease cannot end
+while its bytes are in flight) and by ``transfer_timeout_s``. On any failure the request's reserved
+blocks go back to the pool; blocks a cancelled READ might still write are quarantined until NIXL
+reports the transfer over.
 """
 from __future__ import annotations
 
@@ -25,18 +27,12 @@ from pathlib import Path
 
 from tandem.kvtransfer.events import AllBlocksCleared
 from tandem.kvtransfer.kv_event_stream import KVEventPublisher
-from tandem.kvtransfer.leases import KVHandle, LeaseTable, TransferMode
+from tandem.kvtransfer.leases import KVHandle, LeaseTable
 from tandem.kvtransfer.nixl_transfer import TransferEngine, TransferError, TransferStats
 from tandem.workers.engine import LLMEngine, RequestOutput
 from tandem.workers.engine_loop import EngineLoop
-from tandem.workers.errors import (
-    DrainingError,
-    InvalidRequestError,
-    LeaseExpiredError,
-    PeerUnavailableError,
-    WrongRoleError,
-)
-from tandem.workers.kv_blocks import blocks_for_tokens
+from tandem.workers.errors import DrainingError, InvalidRequestError, LeaseExpiredError, WrongRoleError
+from tandem.workers.handle_checks import check_handle_fits, check_handle_request, confirm_lease, raise_peer_failure
 from tandem.workers.pairing import PairingInfo
 from tandem.workers.peers import PeerClients
 from tandem.workers.sampling_params import SamplingParams
@@ -46,7 +42,7 @@ from tandem.workers.worker_types import ModelInfo, PrefillResult, TransferReport
 logger = logging.getLogger(__name__)
 
 API_VERSION = 1
-ACK_PREFIX = b"tandem-ack:"  # NIXL notification a reader sends the owner when its READ is done
+ACK_PREFIX = b"tandem-ack:"  # NIXL notification that ends a lease (readers now confirm by Release instead)
 
 
 class Worker:
@@ -87,6 +83,7 @@ class Worker:
         self.num_transferred_bytes = 0
         self._granted: dict[str, KVHandle] = {}  # request id -> handle, written on the engine thread
         self._transferring: dict[str, bool] = {}  # request id -> abort requested
+        self._in_flight: set[str] = set()  # ids of the Prefill and Generate calls being served
         self._quarantined: dict[str, tuple[int, ...]] = {}  # transfer tag -> blocks a READ may still write
         self._executor = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_transfers, "tandem-transfer")
         self._model_info: ModelInfo | None = None
@@ -108,7 +105,7 @@ class Worker:
 
     async def prefill(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> PrefillResult:
         """Run the prompt and sample its first token; the KV stays here under a lease."""
-        self._admit("Prefill", self.config.role.serves_prefill)
+        self._admit("Prefill", self.config.role.serves_prefill, request_id)
         stream = self.loop.open_stream(request_id)
         try:
             await self.loop.call(partial(self.engine.add_request, request_id, list(prompt_token_ids), params, hand_off_kv=True))
@@ -119,6 +116,7 @@ class Worker:
             raise
         finally:
             self.loop.close_stream(request_id)
+            self._in_flight.discard(request_id)
 
     def _grant_lease(self, output: RequestOutput) -> None:
         assert output.held_kv is not None
@@ -143,7 +141,7 @@ class Worker:
         first_token_id: int | None = None,
     ) -> AsyncIterator[tuple[RequestOutput, TransferReport | None]]:
         """Decode; with a handle, fetch the prompt's KV first. Yields outputs until one is final."""
-        self._admit("Generate", self.config.role.serves_generate)
+        self._admit("Generate", self.config.role.serves_generate, request_id)
         stream = self.loop.open_stream(request_id)
         finished = False
         try:
@@ -163,29 +161,21 @@ class Worker:
                 report = None
         finally:
             self.loop.close_stream(request_id)
+            self._in_flight.discard(request_id)
             if not finished:  # the caller went away: stop decoding for nobody
                 self.loop.submit(partial(self._abort_on_engine, request_id))
 
     async def _receive_kv(
         self, request_id: str, prompt: list[int], params: SamplingParams, handle: KVHandle, first_token_id: int | None
     ) -> TransferReport | None:
-        if first_token_id is None:
-            raise InvalidRequestError("a kv_handle needs the first_token_id its Prefill returned", field="first_token_id", request_id=request_id)
-        if handle.mode is not TransferMode.READ:
-            raise InvalidRequestError("only READ handles are served (push is not built yet)", field="kv_handle", request_id=request_id)
-        await self._pair_with(handle)  # first: a peer with another block size fails here, saying so
-        expected_blocks = blocks_for_tokens(len(prompt), self.engine.pool.block_size)
-        if handle.num_tokens != len(prompt) or len(handle.block_ids) != expected_blocks:
-            raise InvalidRequestError(
-                f"kv_handle holds {handle.num_tokens} tokens in {len(handle.block_ids)} blocks; the prompt has"
-                f" {len(prompt)} tokens ({expected_blocks} blocks)",
-                field="kv_handle",
-                request_id=request_id,
-            )
+        check_handle_request(handle, first_token_id, request_id)
         time_left = handle.lease_deadline - self.config.lease_margin_s - time.time()
         if time_left <= 0:
             raise LeaseExpiredError(f"request {request_id}: the lease of handle {handle.handle_id} has ended")
         deadline = time.monotonic() + min(time_left, self.config.transfer_timeout_s)
+        # Before the size check: a peer with another block size fails here, saying so.
+        await self._pair_with(handle, request_id, timeout=min(time_left, self.config.peer_timeout_s))
+        check_handle_fits(handle, len(prompt), self.engine.pool.block_size, request_id)
         self._transferring[request_id] = False
         try:
             reservation = await self.loop.call(
@@ -201,8 +191,7 @@ class Worker:
             self._executor,
             partial(
                 self.transfer.read_blocks, handle.worker_id, handle.epoch, remote, local,
-                deadline=deadline, notification=ACK_PREFIX + handle.handle_id.encode(), tag=request_id,
-                remote_staged_at=staged_at,
+                deadline=deadline, tag=request_id, remote_staged_at=staged_at,
             ),
         ) if local else None
         try:
@@ -212,29 +201,28 @@ class Worker:
             assert read is not None
             read.add_done_callback(lambda done: self.loop.submit(partial(self._end_reservation, request_id, done)))
             raise
-        except TransferError as error:
+        except Exception as error:
             await self.loop.call(partial(self._end_reservation, request_id, read))
-            raise _peer_failed(handle, error) from error
-        if read is None:
-            await self._release_quietly(handle)  # nothing to READ, so no notification: ack by RPC
-        aborted = self._transferring.pop(request_id)
-        if aborted:
+            raise_peer_failure(handle, error, request_id)
+        try:  # the owner ends the lease, saying whether it still held: else the bytes may be another prompt's
+            await confirm_lease(self.peers, handle, self.config.peer_timeout_s, request_id, read=read is not None)
+        except BaseException:
+            self.loop.submit(partial(self._end_reservation, request_id, None))
+            raise
+        if self._transferring.pop(request_id):  # aborted while the blocks were in flight
             await self.loop.call(partial(self.engine.cancel_prefilled, request_id))
             return None
         await self.loop.call(partial(self._commit, request_id, stats))
         return TransferReport(len(local), reservation.num_cached_blocks, stats, reservation.block_ids)
 
-    async def _pair_with(self, handle: KVHandle) -> None:
+    async def _pair_with(self, handle: KVHandle, request_id: str, timeout: float) -> None:
         """Make sure the handle's owner is a known, compatible NIXL peer of its current epoch."""
         if not self.transfer.has_peer(handle.worker_id, handle.epoch):
-            peer = await self.peers.paired_peer(handle, self.pairing, self.config.worker_id, self.config.peer_timeout_s)
-            self.transfer.add_peer(peer)
-
-    async def _release_quietly(self, handle: KVHandle) -> None:
-        try:
-            await self.peers.release(handle, self.config.peer_timeout_s)
-        except Exception as error:  # the lease expires anyway; the request itself is fine
-            logger.warning("could not release %s at %s (its lease will expire): %s", handle.handle_id, handle.address, error)
+            peer = await self.peers.paired_peer(handle, self.pairing, self.config.worker_id, timeout)
+            try:
+                self.transfer.add_peer(peer)
+            except TransferError as error:  # NIXL could not connect, or a newer epoch came first
+                raise_peer_failure(handle, error, request_id)
 
     # engine-thread halves of _receive_kv
 
@@ -260,8 +248,7 @@ class Worker:
         return await self.loop.call(partial(self._release_on_engine, handle))
 
     def _release_on_engine(self, handle: KVHandle) -> bool:
-        self.leases.check(handle.worker_id, handle.epoch)
-        ended = self.leases.end(handle.handle_id)
+        ended = self.leases.release(handle)
         if ended is None:
             return False
         self._end_lease(ended)
@@ -342,11 +329,17 @@ class Worker:
             tokenizer_files=files,
         )
 
-    def _admit(self, call: str, role_serves_it: bool) -> None:
+    def _admit(self, call: str, role_serves_it: bool, request_id: str) -> None:
+        """Refuse a call this worker does not take now; else count request_id in flight (the
+        caller discards it when done: a second request under it would take the first's outputs)."""
         if not role_serves_it:
             raise WrongRoleError(f"worker {self.config.worker_id!r} has role {self.config.role.value}, which does not serve {call}")
         if self.draining:
             raise DrainingError(f"worker {self.config.worker_id!r} is draining and takes no new requests")
+        if request_id in self._in_flight:
+            message = "duplicate request id: one under it is in flight here"
+            raise InvalidRequestError(message, field="request_id", request_id=request_id)
+        self._in_flight.add(request_id)
 
     # -- housekeeping hooks, on the engine thread ----------------------------------------------
 
@@ -373,10 +366,6 @@ class Worker:
     def _flush_events(self) -> None:
         if self.publisher is not None:
             self.publisher.flush()
-
-
-def _peer_failed(handle: KVHandle, error: TransferError) -> PeerUnavailableError:
-    return PeerUnavailableError(f"KV transfer from worker {handle.worker_id!r} ({handle.address}) failed: {error}")
 
 
 def _aborted_output(request_id: str, num_prompt_tokens: int) -> RequestOutput:
