@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from tandem.models.errors import ModelLoadError
+from tandem.models.gguf_metadata_cache import gguf_metadata_dir
 from tandem.models.gguf_weights import iter_gguf_weights
 from tandem.models.safetensors_weights import iter_safetensors_weights
 from tandem.models.synthetic import synthetic_config
@@ -93,9 +94,7 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
 def load_config(source: ModelSource) -> PretrainedConfig:
     """The model's transformers config, from local files only (for ``synthetic``, shrunk)."""
     try:
-        config = AutoConfig.from_pretrained(
-            str(source.path), gguf_file=source.gguf_file, local_files_only=True
-        )
+        config = AutoConfig.from_pretrained(**_metadata_location(source), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ...
         raise ModelLoadError(f"{_describe(source)}: cannot load config: {e}") from e
     return synthetic_config(config) if source.synthetic else config
@@ -104,9 +103,7 @@ def load_config(source: ModelSource) -> PretrainedConfig:
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The model's tokenizer, from local files only (for GGUF, built from the file's metadata)."""
     try:
-        return AutoTokenizer.from_pretrained(
-            str(source.path), gguf_file=source.gguf_file, local_files_only=True
-        )
+        return AutoTokenizer.from_pretrained(**_metadata_location(source), local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"{_describe(source)}: cannot load tokenizer: {e}") from e
 
@@ -128,6 +125,14 @@ def iter_weights(
         return iter_safetensors_weights(source.path, show_progress=show_progress)
     config = config if config is not None else load_config(source)
     return iter_gguf_weights(source.gguf_path, config, show_progress=show_progress)
+
+
+def _metadata_location(source: ModelSource) -> dict[str, str | None]:
+    """Where transformers reads the config and tokenizer: a GGUF file's cached metadata folder
+    (models/gguf_metadata_cache.py), or the checkpoint directory or GGUF file itself."""
+    if source.gguf_path is not None and (cached := gguf_metadata_dir(source.gguf_path)) is not None:
+        return {"pretrained_model_name_or_path": str(cached)}
+    return {"pretrained_model_name_or_path": str(source.path), "gguf_file": source.gguf_file}
 
 
 def _describe(source: ModelSource) -> Path:

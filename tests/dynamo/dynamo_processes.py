@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 
+from tandem.models.gguf_metadata_cache import cache_root
 from tandem.orchestrator.tokenizer import PromptTokenizer
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc
@@ -33,6 +34,7 @@ def dynamo_env(folder: Path) -> dict[str, str]:
         "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_EVENT_PLANE_HOST": "127.0.0.1",
         "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1", "DYN_SYSTEM_HOST": "127.0.0.1",
         "DYN_SELF_HOST_METADATA": "0", "HF_HUB_OFFLINE": "1", "HOME": str(home),
+        "TANDEM_CACHE_DIR": str(cache_root()),  # the user's, not the new HOME's: the GGUF metadata is built once
     }
 
 
