@@ -126,6 +126,8 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
         state, metrics = holder["state"], holder["metrics"]
         body = parse_request(CompletionRequest, await _read_json(request))
         _check_model(state, body.model)
+        if isinstance(body.prompt, str):
+            _refuse_if_it_cannot_fit(state, len(body.prompt), "prompt")
         prompt_ids = state.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         params = body.sampling_params()
         return await _respond(state, metrics, "cmpl", prompt_ids, params, body.stream, body.include_usage)
@@ -135,8 +137,10 @@ def create_app(start: Callable[[], Awaitable[AppState]], stop: Callable[[AppStat
         state, metrics = holder["state"], holder["metrics"]
         body = parse_request(ChatCompletionRequest, await _read_json(request))
         _check_model(state, body.model)
+        messages = body.template_messages()
+        _refuse_if_it_cannot_fit(state, sum(len(str(m.get("content") or "")) for m in messages), "messages")
         try:
-            prompt_ids = state.tokenizer.apply_chat_template(body.template_messages())
+            prompt_ids = state.tokenizer.apply_chat_template(messages)
         except ValueError as error:
             raise APIError.invalid_request(str(error), param="messages") from None
         params = body.sampling_params(default_max_tokens=max(1, state.context_len - len(prompt_ids)))
@@ -186,6 +190,14 @@ async def _read_json(request: Request) -> bytes:
         if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
             raise APIError.unsupported_media_type(content_type)
     return await request.body()
+
+
+def _refuse_if_it_cannot_fit(state: AppState, num_chars: int, param: str) -> None:
+    """Refuse, before tokenizing it, a text too long to fit the context even if every token were
+    the vocabulary's longest: tokenizing megabytes would hold up every other request."""
+    if num_chars > state.context_len * state.tokenizer.max_token_chars:
+        message = f"the prompt has {num_chars} characters, more than this model's context of {state.context_len} tokens can hold"
+        raise APIError.invalid_request(message, param=param, code="context_length_exceeded")
 
 
 def _check_model(state: AppState, model: str | None) -> None:

@@ -9,6 +9,7 @@ that it is read-only.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,13 @@ class PromptTokenizer:
                     f"model {info.model!r}: cannot load the tokenizer files {sorted(info.tokenizer_files)}: {error}"
                 ) from error
         return cls(tokenizer, info.model, info.max_model_len, list(info.eos_token_ids))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a vocabulary entry spells each byte or
+        character of its text as one symbol), so that a text too long for a context can be told
+        without tokenizing it."""
+        return max(map(len, self._tokenizer.get_vocab()), default=1)
 
     @property
     def has_chat_template(self) -> bool:

@@ -120,3 +120,9 @@ def test_a_model_without_tokenizer_has_no_files_and_a_clear_error(start_worker, 
     assert info.vocab_size == 160 and info.block_size == 4 and info.max_model_len == 64 * 4
     with pytest.raises(NoTokenizerError, match="has no tokenizer"):
         PromptTokenizer.from_model_info(info)
+
+
+def test_no_token_stands_for_more_characters_than_max_token_chars(tokenizer, smollm2) -> None:
+    """The bound the app refuses over-long texts by, before tokenizing them, is a true bound."""
+    longest = max(len(tokenizer.decode([token_id])) for token_id in range(smollm2.config.vocab_size))
+    assert 1 < longest <= tokenizer.max_token_chars
