@@ -3,17 +3,20 @@ test module is its own Dynamo world), the TCP request plane, the ZMQ event plane
 variable set to 127.0.0.1, and Dynamo's OpenAI frontend from scripts/dynamo_frontend.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from openai import OpenAI
 
 from tandem.models.gguf_metadata_cache import cache_root
 from tandem.orchestrator.tokenizer import PromptTokenizer
@@ -70,6 +73,30 @@ class Frontend:
                 return models[0]["id"]
             time.sleep(0.2)
         pytest.fail(f"no model reached the Dynamo frontend in {timeout} s:\n{self.log()[-4000:]}")
+
+
+@dataclass
+class Deployment:
+    frontend: Frontend
+    workers: list  # WorkerProcess (tests/worker_processes.py), in the order of their roles
+    model: str
+    client: OpenAI
+
+
+@contextlib.contextmanager
+def deploy(start_worker, folder: Path, roles: list[str], router_mode: str, *worker_args: str) -> Iterator[Deployment]:
+    """A frontend, then Tandem workers of these roles registered with --dynamo, in one fresh
+    Dynamo world; the model is served once the frontend lists it. The workers stop with their
+    test module (start_worker), the frontend here."""
+    env = dynamo_env(folder)
+    frontend = start_frontend(env, folder / "frontend.log", router_mode)
+    try:
+        workers = [start_worker(role, "--dynamo", *worker_args, env=env) for role in roles]
+        model = frontend.wait_for_model()
+        client = OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", timeout=120, max_retries=0)
+        yield Deployment(frontend, workers, model, client)
+    finally:
+        frontend.stop()
 
 
 def start_frontend(env: dict[str, str], log_path: Path, router_mode: str = "kv") -> Frontend:

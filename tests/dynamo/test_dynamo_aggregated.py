@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
 pytest.importorskip("dynamo.llm")
 
-from dynamo_processes import Frontend, dynamo_env, start_frontend, tandem_greedy, tokenizer_of  # noqa: E402
-from openai import OpenAI  # noqa: E402
+from dynamo_processes import Deployment, deploy, tandem_greedy, tokenizer_of  # noqa: E402
 from worker_rpc import pool_full, wait_for  # noqa: E402
 
 from tandem.orchestrator.tokenizer import PromptTokenizer  # noqa: E402
@@ -22,31 +20,20 @@ MAX_TOKENS = 16
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@dataclass
-class Deployment:
-    frontend: Frontend
-    workers: list
-    model: str
-    tokenizer: PromptTokenizer
-    client: OpenAI
-
-
 @pytest.fixture(scope="module")
 def deployment(start_worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     folder = tmp_path_factory.mktemp("dynamo-aggregated")
-    env = dynamo_env(folder)
-    frontend = start_frontend(env, folder / "frontend.log")
-    try:
-        workers = [start_worker("aggregated", "--dynamo", "--kv-cache-bytes", str(64 << 20), env=env) for _ in range(2)]
-        model = frontend.wait_for_model()
-        client = OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", timeout=120, max_retries=0)
-        yield Deployment(frontend, workers, model, tokenizer_of(workers[0]), client)
-    finally:
-        frontend.stop()
+    with deploy(start_worker, folder, ["aggregated"] * 2, "kv", "--kv-cache-bytes", str(64 << 20)) as deployment:
+        yield deployment
 
 
-def test_chat_completion_equals_tandem_greedy_output(deployment: Deployment) -> None:
-    prompt_ids = deployment.tokenizer.apply_chat_template(QUESTION)
+@pytest.fixture(scope="module")
+def tokenizer(deployment: Deployment) -> PromptTokenizer:
+    return tokenizer_of(deployment.workers[0])
+
+
+def test_chat_completion_equals_tandem_greedy_output(deployment: Deployment, tokenizer: PromptTokenizer) -> None:
+    prompt_ids = tokenizer.apply_chat_template(QUESTION)
     expected_ids, expected_text = tandem_greedy(deployment.workers[0], prompt_ids, MAX_TOKENS)
 
     reply = deployment.client.chat.completions.create(
@@ -61,9 +48,9 @@ def test_chat_completion_equals_tandem_greedy_output(deployment: Deployment) -> 
     assert streamed == reply.choices[0].message.content
 
 
-def test_streaming_completion_equals_tandem_greedy_output(deployment: Deployment) -> None:
+def test_streaming_completion_equals_tandem_greedy_output(deployment: Deployment, tokenizer: PromptTokenizer) -> None:
     prompt = "The three primary colours are"
-    expected_ids, expected_text = tandem_greedy(deployment.workers[1], deployment.tokenizer.encode(prompt), MAX_TOKENS)
+    expected_ids, expected_text = tandem_greedy(deployment.workers[1], tokenizer.encode(prompt), MAX_TOKENS)
     stream = deployment.client.completions.create(
         model=deployment.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
     chunks = list(stream)
@@ -72,14 +59,14 @@ def test_streaming_completion_equals_tandem_greedy_output(deployment: Deployment
         "length" if len(expected_ids) == MAX_TOKENS else "stop")
 
 
-def test_requests_land_on_the_worker_that_holds_their_prefix(deployment: Deployment) -> None:
+def test_requests_land_on_the_worker_that_holds_their_prefix(deployment: Deployment, tokenizer: PromptTokenizer) -> None:
     # Each prompt (ten blocks, sent by no other test) is first computed on one worker over Tandem's
     # own gRPC API, behind Dynamo's back: the router can only know where it is from the KV events.
     # Each worker counts the prompt tokens it computed; the one that served a request is the one
     # whose count grew, and the holder recomputes at most the last block.
     prompts = [" ".join(f"{fruit} number {i} is ripe." for i in range(24)) for fruit in ("Apple", "Plum")]
     for worker, prompt in zip(deployment.workers, prompts):
-        tandem_greedy(worker, deployment.tokenizer.encode(prompt), 1)
+        tandem_greedy(worker, tokenizer.encode(prompt), 1)
     time.sleep(0.5)  # the events' way to the router: worker PUB, Dynamo's relay, its event plane
 
     for _ in range(2):

@@ -4,14 +4,12 @@ is token-identical to aggregated decoding, and the decode side really READ the p
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 pytest.importorskip("dynamo.llm")
 
-from dynamo_processes import Frontend, dynamo_env, start_frontend, tandem_greedy, tokenizer_of  # noqa: E402
-from openai import OpenAI  # noqa: E402
+from dynamo_processes import Deployment, deploy, tandem_greedy, tokenizer_of  # noqa: E402
 from worker_rpc import pool_full, wait_for  # noqa: E402
 
 MAX_TOKENS = 16
@@ -19,37 +17,26 @@ BLOCK_SIZE = 16
 BLOCK_BYTES = 2 * 30 * 3 * 64 * 4 * BLOCK_SIZE  # K and V, SmolLM2-135M's 30 layers x 3 KV heads x 64 dims, fp32
 
 
-@dataclass
-class Deployment:
-    frontend: Frontend
-    context: object
-    generation: object
-    model: str
-    client: OpenAI
-
-
 @pytest.fixture(scope="module")
 def deployment(start_worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     folder = tmp_path_factory.mktemp("dynamo-disaggregated")
-    env = dynamo_env(folder)
-    frontend = start_frontend(env, folder / "frontend.log", router_mode="round-robin")
-    try:
-        cache = ("--kv-cache-bytes", str(64 << 20), "--lease-seconds", "10")
-        generation = start_worker("generation", "--dynamo", *cache, env=env)
-        context = start_worker("context", "--dynamo", *cache, env=env)
-        model = frontend.wait_for_model()  # listed only once both halves are registered
-        client = OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", timeout=120, max_retries=0)
-        yield Deployment(frontend, context, generation, model, client)
-    finally:
-        frontend.stop()
+    # The model is listed only once both halves are registered.
+    with deploy(start_worker, folder, ["generation", "context"], "round-robin",
+                "--kv-cache-bytes", str(64 << 20), "--lease-seconds", "10") as deployment:
+        yield deployment
 
 
-def test_answer_is_token_identical_to_aggregated_and_kv_moved_over_nixl(deployment: Deployment) -> None:
+@pytest.fixture(scope="module")
+def generation(deployment: Deployment):
+    return deployment.workers[0]
+
+
+def test_answer_is_token_identical_to_aggregated_and_kv_moved_over_nixl(deployment: Deployment, generation) -> None:
     prompt = "Write one sentence about the sea, the sky and the mountains of Norway:"
-    before = deployment.generation.stats()
+    before = generation.stats()
     reply = deployment.client.completions.create(
         model=deployment.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-    after = deployment.generation.stats()
+    after = generation.stats()
 
     num_prompt_tokens = reply.usage.prompt_tokens
     blocks = -(-num_prompt_tokens // BLOCK_SIZE)
@@ -60,9 +47,9 @@ def test_answer_is_token_identical_to_aggregated_and_kv_moved_over_nixl(deployme
 
     # The reference: the same prompt decoded by one Tandem worker alone (the generation worker,
     # which now serves it aggregated from its own cache).
-    prompt_ids = tokenizer_of(deployment.generation).encode(prompt)
+    prompt_ids = tokenizer_of(generation).encode(prompt)
     assert len(prompt_ids) == num_prompt_tokens
-    expected_ids, expected_text = tandem_greedy(deployment.generation, prompt_ids, MAX_TOKENS)
+    expected_ids, expected_text = tandem_greedy(generation, prompt_ids, MAX_TOKENS)
     assert reply.choices[0].text == expected_text
     assert reply.usage.completion_tokens == len(expected_ids)
 
@@ -79,5 +66,5 @@ def test_streamed_chat_through_prefill_and_decode(deployment: Deployment) -> Non
 
 def test_leases_and_blocks_come_back_on_both_sides(deployment: Deployment) -> None:
     deployment.client.completions.create(model=deployment.model, prompt="Hello there", max_tokens=1, temperature=0)
-    for worker in (deployment.context, deployment.generation):
+    for worker in deployment.workers:
         wait_for(lambda: worker.stats().num_leases == 0 and pool_full(worker), 15, "leases and blocks to come back")
