@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +75,10 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWork
     started: list[WorkerProcess] = []
     log_dir = tmp_path_factory.mktemp("worker-logs")
 
-    def start(role: str, *args: str, env: Mapping[str, str] | None = None) -> WorkerProcess:
+    def start(role: str, *args: str, env: Mapping[str, str] | None = None, wrap: Sequence[str] = ()) -> WorkerProcess:
+        """``wrap`` runs the worker through another command, e.g. ``ip netns exec <namespace>``."""
         log_path = log_dir / f"{role}-{len(started)}.log"
-        command = [sys.executable, "-m", "tandem.workers.main", "--role", role, "--port", "0", *args]
+        command = [*wrap, sys.executable, "-m", "tandem.workers.main", "--role", role, "--port", "0", *args]
         environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # several workers share two cores
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=environment)

@@ -1,0 +1,96 @@
+"""A context worker and a generation worker on two hosts made of network namespaces
+(scripts/netns_cluster.py), each bound to its own address, with UCX held to TCP: the KV moves
+between them as it would between nodes. Then the context host is cut off mid-request: the READ's
+deadline fires, the request fails cleanly and retriably, and once the host is back and its lease
+has run out, every block is free on both sides and the pair serves again.
+
+Needs root (CAP_NET_ADMIN) and iproute2; skipped, saying so, where namespaces cannot be made."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from worker_rpc import generate, pool_full, prefill, run_disaggregated, tokens_of, wait_for
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "netns_cluster.py"
+HOSTS = ["ctx", "gen"]  # short: the namespace test must not meet a real cluster's names
+KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
+TRANSFER_TIMEOUT_S, LEASE_S = 3.0, 6.0
+PROMPT = list(range(1000, 1040))  # three blocks
+
+
+def _netns_cluster():
+    spec = importlib.util.spec_from_file_location("netns_cluster", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _can_make_namespaces() -> str | None:
+    probe = subprocess.run(["ip", "netns", "add", "tandem-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return probe.stderr.strip() or "ip netns add failed"
+    subprocess.run(["ip", "netns", "del", "tandem-probe"], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def hosts(start_worker):
+    try:
+        reason = _can_make_namespaces()
+    except FileNotFoundError:
+        reason = "iproute2 (ip) is not installed"
+    if reason is not None:
+        pytest.skip(f"cannot make network namespaces here: {reason}")
+    netns = _netns_cluster()
+    context_host, generation_host = netns.up(HOSTS)
+    try:
+        common = ("--kv-cache-bytes", str(KV_CACHE_BYTES), "--transfer-timeout", str(TRANSFER_TIMEOUT_S),
+                  "--lease-seconds", str(LEASE_S))
+        env = {"UCX_TLS": "tcp"}  # not shared memory or cma, which two processes on one machine could use
+        context = start_worker("context", "--host", context_host.address, *common, env=env,
+                               wrap=["ip", "netns", "exec", context_host.namespace])
+        generation = start_worker("generation", "--host", generation_host.address, *common, env=env,
+                                  wrap=["ip", "netns", "exec", generation_host.namespace])
+        yield netns, (context_host, generation_host), (context, generation)
+    finally:
+        netns.down(HOSTS)
+
+
+def test_workers_listen_on_their_own_hosts_and_kv_moves_between_them(hosts) -> None:
+    _, (context_host, generation_host), pair = hosts
+    assert pair[0].address.startswith(context_host.address + ":")
+    assert pair[1].address.startswith(generation_host.address + ":")
+    tokens, reply, chunks = run_disaggregated(pair, "netns-1", PROMPT)
+    assert chunks[0].transfer.num_blocks == 3 and chunks[0].transfer.num_bytes == 3 * 737_280
+    # The reference: the generation worker alone, without a handle.
+    assert tokens == tokens_of(generate(pair[1], "netns-reference", PROMPT))
+
+
+def test_a_partitioned_context_host_fails_the_read_cleanly_and_frees_everything(hosts) -> None:
+    netns, (context_host, _), (context, generation) = hosts
+    run_disaggregated((context, generation), "netns-2-pairing", list(range(1500, 1540)))  # the peers know each other
+    prompt = list(range(2000, 2040))
+    reply = prefill(context, "netns-2", prompt)
+    netns.partition(context_host)
+    started = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            generate(generation, "netns-2", prompt, reply)
+        elapsed = time.monotonic() - started
+    finally:
+        netns.heal(context_host)
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert "READ of 3 blocks" in failed.value.details() and "timed out" in failed.value.details()
+    assert TRANSFER_TIMEOUT_S - 0.5 < elapsed < TRANSFER_TIMEOUT_S + 5, f"the READ's deadline did not bound it: {elapsed:.1f} s"
+    wait_for(lambda: pool_full(generation), 15, "the generation worker's reserved blocks to come back")
+    wait_for(lambda: context.stats().num_leases == 0 and pool_full(context), LEASE_S + 15,
+             "the context worker's lease to run out and its blocks to come back")
+    tokens, _, chunks = run_disaggregated((context, generation), "netns-3", list(range(3000, 3040)))
+    assert len(tokens) > 1 and chunks[0].transfer.num_blocks == 3  # the pair serves again
