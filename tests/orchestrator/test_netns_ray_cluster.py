@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,35 +27,18 @@ import httpx
 import pytest
 import yaml
 
+from netns_hosts import netns_cluster, skip_without_namespaces
+
 from tandem.models.gguf_metadata_cache import cache_root
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "netns_cluster.py"
 HOSTS = ["head", "ctx", "gen"]
 RAY_PORT, HTTP_PORT = 6390, 8090
 READY_S = 240
 KV_CACHE_BYTES = 128 * 737_280  # 128 blocks of 16 tokens of SmolLM2 in float32
-
-
-def _netns_cluster():
-    spec = importlib.util.spec_from_file_location("netns_cluster", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def _skip_without_namespaces() -> None:
-    try:
-        probe = subprocess.run(["ip", "netns", "add", "tandem-probe"], capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("cannot make network namespaces here: iproute2 (ip) is not installed")
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make network namespaces here: {probe.stderr.strip()}")
-    subprocess.run(["ip", "netns", "del", "tandem-probe"], capture_output=True)
 
 
 def _ray_bin() -> str:
@@ -69,6 +53,10 @@ class Cluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TANDEM_CACHE_DIR": str(cache_root()),
                     "UCX_TLS": "tcp", "OMP_NUM_THREADS": "1"}
         self.serve: subprocess.Popen | None = None
+        # Ray's own temp dir, not /tmp/ray: `ray start --head` writes its address there, and every
+        # later ray.init() on this machine would join this cluster instead of starting its own.
+        # Short: Ray's socket paths must fit in 107 bytes.
+        self.ray_temp = Path(tempfile.mkdtemp(prefix="tdm-ray-", dir="/tmp"))
 
     def run(self, host, argv: list[str], log: str) -> subprocess.Popen:
         with open(self.folder / log, "ab") as out:
@@ -76,7 +64,8 @@ class Cluster:
 
     def start_node(self, host, resource: str) -> None:
         argv = [_ray_bin(), "start", "--address", f"{self.head.address}:{RAY_PORT}", "--node-ip-address",
-                host.address, "--num-cpus", "2", "--resources", json.dumps({resource: 1}), "--disable-usage-stats"]
+                host.address, "--num-cpus", "2", "--resources", json.dumps({resource: 1}), "--disable-usage-stats",
+                "--temp-dir", str(self.ray_temp)]
         assert self.run(host, argv, f"ray-{host.name}.log").wait(120) == 0, self.log(f"ray-{host.name}.log")
 
     def kill_raylet(self, host) -> int:
@@ -120,13 +109,13 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    _skip_without_namespaces()
-    netns = _netns_cluster()
+    skip_without_namespaces()
+    netns = netns_cluster()
     folder = tmp_path_factory.mktemp("netns-ray")
     cluster = Cluster(netns, netns.up(HOSTS), folder)
     try:
         head = [_ray_bin(), "start", "--head", "--node-ip-address", cluster.head.address, "--port", str(RAY_PORT),
-                "--num-cpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
+                "--num-cpus", "0", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(cluster.ray_temp)]
         assert cluster.run(cluster.head, head, "ray-head.log").wait(120) == 0, cluster.log("ray-head.log")
         cluster.start_node(cluster.ctx, "context")
         cluster.start_node(cluster.gen, "generation")
@@ -148,6 +137,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     finally:
         cluster.stop()
         netns.down(HOSTS)
+        shutil.rmtree(cluster.ray_temp, ignore_errors=True)
+        assert not _joins_our_cluster(cluster.head.address), "the test's Ray address leaked into /tmp/ray"
+
+
+def _joins_our_cluster(head_address: str) -> bool:
+    """Whether a plain ray.init() on this machine would now try to join the test's cluster."""
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    return address_file.is_file() and address_file.read_text().startswith(head_address)
 
 
 def _wait(predicate, timeout: float, explain) -> None:

@@ -7,48 +7,23 @@ has run out, every block is free on both sides and the pair serves again.
 Needs root (CAP_NET_ADMIN) and iproute2; skipped, saying so, where namespaces cannot be made."""
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
+from netns_hosts import netns_cluster, skip_without_namespaces
 from worker_rpc import generate, pool_full, prefill, run_disaggregated, tokens_of, wait_for
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "netns_cluster.py"
 HOSTS = ["ctx", "gen"]  # short: the namespace test must not meet a real cluster's names
 KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
 TRANSFER_TIMEOUT_S, LEASE_S = 3.0, 6.0
 PROMPT = list(range(1000, 1040))  # three blocks
 
 
-def _netns_cluster():
-    spec = importlib.util.spec_from_file_location("netns_cluster", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def _can_make_namespaces() -> str | None:
-    probe = subprocess.run(["ip", "netns", "add", "tandem-probe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return probe.stderr.strip() or "ip netns add failed"
-    subprocess.run(["ip", "netns", "del", "tandem-probe"], capture_output=True)
-    return None
-
-
 @pytest.fixture(scope="module")
 def hosts(start_worker):
-    try:
-        reason = _can_make_namespaces()
-    except FileNotFoundError:
-        reason = "iproute2 (ip) is not installed"
-    if reason is not None:
-        pytest.skip(f"cannot make network namespaces here: {reason}")
-    netns = _netns_cluster()
+    skip_without_namespaces()
+    netns = netns_cluster()
     context_host, generation_host = netns.up(HOSTS)
     try:
         common = ("--kv-cache-bytes", str(KV_CACHE_BYTES), "--transfer-timeout", str(TRANSFER_TIMEOUT_S),
