@@ -52,3 +52,18 @@ def checked_ids(ids: Sequence[int], num_blocks: int, side: str) -> list[int]:
     if min(ids) < 0 or max(ids) >= num_blocks:
         raise ValueError(f"{side} block ids must be in [0, {num_blocks}), got {min(ids)}..{max(ids)}")
     return ids
+
+
+def checked_id_pairs(
+    remote_ids: Sequence[int], local_ids: Sequence[int], remote_num_blocks: int, local_num_blocks: int, remote: str
+) -> tuple[list[int], list[int]]:
+    """Both id lists of a READ as ints, validated against both caches; ValueError before anything moves."""
+    if len(remote_ids) != len(local_ids):
+        raise ValueError(f"{len(remote_ids)} remote ids but {len(local_ids)} local ids")
+    if len(remote_ids) == 0:
+        raise ValueError("read_blocks needs at least one block")
+    remote_checked = checked_ids(remote_ids, remote_num_blocks, f"remote ({remote})")
+    local_checked = checked_ids(local_ids, local_num_blocks, "local")
+    if len(set(local_checked)) != len(local_checked):
+        raise ValueError("local block ids must be distinct")
+    return remote_checked, local_checked

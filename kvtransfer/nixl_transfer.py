@@ -17,7 +17,9 @@ Blocks scattered over many runs go through staging slots (kvtransfer/staging.py)
 gathers them with ``stage`` when it makes the handle, the reader READs one descriptor (into its
 own slots, then scatters, when its blocks are scattered too). Workers turn staging on by default
 on GPUs only: on the CPU (UCX picks cma, process_vm_readv) a descriptor is cheap next to the copy
-itself and staging would add two memory copies.
+itself and staging would add two memory copies. A tensor-parallel worker (``sharded``) always
+stages, both ways: its slots hold whole wire blocks gathered from or scattered to its ranks
+(kvtransfer/wire_blocks.py), and it advertises ``base_address`` 0, nothing readable in place.
 
 Progress. NIXL's own progress thread polls UCX without pause (``pthrDelay`` 0): a whole core per
 worker, even idle. It is off; our thread drives UCX through ``get_new_notifs`` every
@@ -50,8 +52,8 @@ from dataclasses import dataclass
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
-from tandem.kvtransfer.block_runs import checked_ids, coalesce_runs, num_runs
-from tandem.kvtransfer.staging import StagingArena, gather_into_slots, scatter_from_slots
+from tandem.kvtransfer.block_runs import checked_id_pairs, coalesce_runs, num_runs
+from tandem.kvtransfer.staging import StagingArena
 from tandem.kvtransfer.transfer_types import (  # noqa: F401  (re-exported: the transfer API)
     PeerMetadata,
     StalePeerError,
@@ -59,6 +61,7 @@ from tandem.kvtransfer.transfer_types import (  # noqa: F401  (re-exported: the 
     TransferStats,
     TransferTimeout,
 )
+from tandem.kvtransfer.wire_blocks import ShardedBlocks, WireRows
 
 # Stage when a block list has more runs than this: on GPUs a descriptor costs ~6 us, a staging
 # copy of a few MiB about 10-20 us of launches and HBM traffic; measured on two H200s, staging
@@ -81,7 +84,7 @@ class TransferEngine:
 
     def __init__(
         self, agent_name: str, kv_cache: torch.Tensor, *, worker_id: str, epoch: int, num_threads: int = 0,
-        staging_blocks: int = 0, stage_min_runs: int = STAGE_MIN_RUNS,
+        staging_blocks: int = 0, stage_min_runs: int = STAGE_MIN_RUNS, sharded: ShardedBlocks | None = None,
     ) -> None:
         if kv_cache.dim() < 2 or kv_cache.shape[0] < 1 or kv_cache.numel() == 0:
             raise ValueError(f"kv_cache must be [num_blocks, ...] with num_blocks >= 1, got {tuple(kv_cache.shape)}")
@@ -100,7 +103,12 @@ class TransferEngine:
         self.memory_type = "VRAM" if kv_cache.is_cuda else "DRAM"
         self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
         self.num_blocks = kv_cache.shape[0]
-        self.bytes_per_block = kv_cache[0].numel() * kv_cache.element_size()
+        # A tensor-parallel worker's cache holds a share of the heads: it moves whole wire blocks
+        # (kvtransfer/wire_blocks.py) through staging slots only, never a block in place.
+        self._wire = WireRows(kv_cache, sharded)
+        if not self._wire.in_place and staging_blocks < 1:
+            raise ValueError("a worker whose KV cache holds a share of the kv heads needs staging_blocks >= 1")
+        self.bytes_per_block = self._wire.bytes_per_block
         rw = nixl_thread_sync_t.NIXL_THREAD_SYNC_RW
         if num_threads > 0:
             self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=[], sync_mode=rw))
@@ -109,17 +117,16 @@ class TransferEngine:
             self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=rw))
         if "UCX" not in self._agent.backends:
             raise RuntimeError("NIXL UCX backend is not available")
-        # Every block as one row of bytes: what staging gathers from and scatters into.
-        self._block_rows = kv_cache.view(torch.uint8).view(self.num_blocks, self.bytes_per_block)
         self.stage_min_runs = stage_min_runs
         self._arena = StagingArena(staging_blocks, self.bytes_per_block, kv_cache.device) if staging_blocks > 0 else None
-        regions = [(kv_cache.data_ptr(), self.num_blocks * self.bytes_per_block, self.device_id, "")]
+        base_address = kv_cache.data_ptr() if self._wire.in_place else 0  # 0: no block is read in place
+        regions = [(base_address, self.num_blocks * self.bytes_per_block, self.device_id, "")] if base_address else []
         if self._arena is not None:
             regions.append((self._arena.buffer.data_ptr(), self._arena.buffer.numel(), self.device_id, ""))
         self._registration = self._agent.register_memory(regions, self.memory_type)
         self._metadata = PeerMetadata(
             worker_id=worker_id, epoch=epoch, agent_name=agent_name,
-            agent_metadata=self._agent.get_agent_metadata(), base_address=kv_cache.data_ptr(),
+            agent_metadata=self._agent.get_agent_metadata(), base_address=base_address,
             bytes_per_block=self.bytes_per_block, num_blocks=self.num_blocks,
             memory_type=self.memory_type, device_id=self.device_id,
             staging_address=self._arena.buffer.data_ptr() if self._arena else 0,
@@ -180,13 +187,14 @@ class TransferEngine:
     def stage(self, block_ids: Sequence[int]) -> int | None:
         """Owner side: gather blocks into adjacent staging slots when they are scattered enough for
         one descriptor to beat many; returns the first slot (block_ids[i] is at slot + i), or None
-        (no staging, too few runs to pay, or no room) and the blocks are read where they are."""
-        if self._arena is None or num_runs(block_ids) <= self.stage_min_runs:
+        (no staging, too few runs to pay, or no room) and the blocks are read where they are.
+        A sharded worker always stages; None (no room) then leaves its blocks unreadable."""
+        if self._arena is None or (self._wire.in_place and num_runs(block_ids) <= self.stage_min_runs):
             return None
         slot = self._arena.allocate(len(block_ids))
         if slot is None:
             return None
-        gather_into_slots(self._arena.buffer[slot : slot + len(block_ids)], self._block_rows, block_ids)
+        self._wire.pack(block_ids, self._arena.buffer[slot : slot + len(block_ids)])
         return slot
 
     def unstage(self, slot: int, count: int) -> None:
@@ -202,7 +210,7 @@ class TransferEngine:
 
         With ``remote_staged_at`` the owner has staged remote_block_ids[i] at its staging slot
         remote_staged_at + i: one descriptor reads them all, into our own staging slots first when
-        the local blocks are scattered (then scattered into place). Raises ValueError (nothing
+        the local blocks are scattered or sharded (then unpacked into place). Raises ValueError (nothing
         moved) for bad ids, StalePeerError for an unknown peer or epoch, TransferError when NIXL
         reports an error, TransferTimeout at the deadline. After a timeout with
         ``local_blocks_reusable=False`` the transfer is kept under ``tag`` (the exception's tag)
@@ -211,15 +219,26 @@ class TransferEngine:
         start = time.perf_counter()
         tag = tag or f"{worker_id}:{epoch}:{next(self._tags)}"
         peer = self._peer(worker_id, epoch, tag)
-        remote_ids, local_ids = self._checked_ids(peer.meta, remote_block_ids, local_block_ids)
+        meta = peer.meta
+        if meta.bytes_per_block != self.bytes_per_block:
+            raise ValueError(f"peer {worker_id} has {meta.bytes_per_block} bytes per block, we have {self.bytes_per_block}")
+        remote_ids, local_ids = checked_id_pairs(remote_block_ids, local_block_ids, meta.num_blocks, self.num_blocks, worker_id)
         count = len(local_ids)
-        remote_region = (peer.meta.base_address, remote_ids)
+        remote_region = (meta.base_address, remote_ids)
         if remote_staged_at is not None:
-            if not 0 <= remote_staged_at <= peer.meta.staging_slots - count:
-                raise ValueError(f"staging slots {remote_staged_at}+{count} out of the {peer.meta.staging_slots} of {worker_id}")
-            remote_region = (peer.meta.staging_address, list(range(remote_staged_at, remote_staged_at + count)))
+            if not 0 <= remote_staged_at <= meta.staging_slots - count:
+                raise ValueError(f"staging slots {remote_staged_at}+{count} out of the {meta.staging_slots} of {worker_id}")
+            remote_region = (meta.staging_address, list(range(remote_staged_at, remote_staged_at + count)))
+        elif meta.base_address == 0:
+            raise ValueError(f"{worker_id} reads no block in place (its cache holds a share of the kv heads) and "
+                             "this handle's blocks are not staged")
         local_slot = None
-        if remote_staged_at is not None and self._arena is not None and num_runs(local_ids) > self.stage_min_runs:
+        if not self._wire.in_place:
+            local_slot = self._arena.allocate(count)
+            if local_slot is None:
+                raise TransferError(f"no {count} free staging slots to READ into; tag {tag!r}", worker_id=worker_id,
+                                    epoch=epoch, tag=tag, retriable=True, local_blocks_reusable=True)
+        elif remote_staged_at is not None and self._arena is not None and num_runs(local_ids) > self.stage_min_runs:
             local_slot = self._arena.allocate(count)  # None: no room, READ straight into the blocks
         local_region = (self._metadata.base_address, local_ids)
         if local_slot is not None:
@@ -233,8 +252,10 @@ class TransferEngine:
                 error.local_blocks_reusable = True  # a late write lands in staging slots, not in the blocks
             raise
         if local_slot is not None:
-            scatter_from_slots(self._block_rows, local_ids, self._arena.buffer[local_slot : local_slot + count])
-            self._arena.free(local_slot, count)
+            try:
+                self._wire.unpack(self._arena.buffer[local_slot : local_slot + count], local_ids)
+            finally:
+                self._arena.free(local_slot, count)
         return TransferStats(count, num_descriptors, count * self.bytes_per_block, time.perf_counter() - start)
 
     def _read(
@@ -357,24 +378,6 @@ class TransferEngine:
                 worker_id=worker_id, epoch=epoch, tag=tag, retriable=False, local_blocks_reusable=True,
             )
         return held
-
-    def _checked_ids(
-        self, peer: PeerMetadata, remote_block_ids: Sequence[int], local_block_ids: Sequence[int]
-    ) -> tuple[list[int], list[int]]:
-        """Both id lists as ints, validated against both caches; ValueError before anything moves."""
-        if len(remote_block_ids) != len(local_block_ids):
-            raise ValueError(f"{len(remote_block_ids)} remote ids but {len(local_block_ids)} local ids")
-        if len(remote_block_ids) == 0:
-            raise ValueError("read_blocks needs at least one block")
-        if peer.bytes_per_block != self.bytes_per_block:
-            raise ValueError(
-                f"peer {peer.worker_id} has {peer.bytes_per_block} bytes per block, we have {self.bytes_per_block}"
-            )
-        remote_ids = checked_ids(remote_block_ids, peer.num_blocks, f"remote ({peer.worker_id})")
-        local_ids = checked_ids(local_block_ids, self.num_blocks, "local")
-        if len(set(local_ids)) != len(local_ids):
-            raise ValueError("local block ids must be distinct")
-        return remote_ids, local_ids
 
     def _drop_remote(self, remote_name: str) -> None:
         """Forget a remote agent; a peer that is already gone may make NIXL complain, which is fine."""

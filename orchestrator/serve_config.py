@@ -158,13 +158,6 @@ class ServeConfig(Section):
         if self.autoscale is not None and self.mode != "disaggregated":
             raise field_error("autoscale", "the planner sizes context and generation pools: it needs mode: disaggregated")
         exchanging = _KV_EXCHANGE[self.mode]
-        for name in exchanging:
-            if getattr(self.pools, name).tp_size > 1:
-                raise field_error(
-                    f"pools.{name}.tp_size",
-                    "tensor-parallel context and generation workers are not built yet (a KV hand-off would need"
-                    " every rank's share of the heads); use tp_size 1 here, or mode: aggregated",
-                )
         for first, name in ((exchanging[0], other) for other in exchanging[1:]):
             for key in _KV_FIELDS:
                 want, got = getattr(getattr(self.pools, first), key), getattr(getattr(self.pools, name), key)

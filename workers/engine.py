@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from tandem.kernels.select import select_backend
 from tandem.kvtransfer.block_pool import BlockPool, NoFreeBlocksError
 from tandem.kvtransfer.kv_cache import allocate_kv_cache, layer_views
+from tandem.kvtransfer.wire_blocks import ShardedBlocks
 from tandem.models.loader import LoadedModel, load_model
 from tandem.workers.config import EngineConfig, resolve_device, resolve_dtype
 from tandem.workers.cuda_graphs import capture_decode_graphs
@@ -109,7 +110,7 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = device
-        tp_size = 1 if tp_group is None else tp_group.size
+        self.tensor_parallel_size = tp_size = 1 if tp_group is None else tp_group.size
         spec = kv_cache_spec(loaded.config, config.cache.block_size, next(loaded.model.parameters()).dtype, tp_size)
         num_blocks = num_kv_cache_blocks(spec, config, device)
         if tp_group is not None:
@@ -148,6 +149,15 @@ class LLMEngine:
             return start_engine(config, device, dtype)
         loaded = load_model(config.model, dtype=dtype, device=device, show_progress=config.show_progress)
         return cls(loaded, config, device)
+
+    def sharded_kv(self) -> ShardedBlocks | None:
+        """The KV cache as whole wire blocks gathered from and scattered to the tensor-parallel
+        ranks (kvtransfer/wire_blocks.py); None on one rank, whose cache is the wire format."""
+        if self._tp_group is None:
+            return None
+        from tandem.workers.tensor_parallel_kv import TensorParallelBlocks
+
+        return TensorParallelBlocks(self._tp_group, self.kv_cache)
 
     def close(self) -> None:
         """Stop the tensor-parallel followers, if any; no step can run afterwards."""

@@ -46,7 +46,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size (default: 1 GiB on CPU)")
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1,
-        help="split the model over this many GPUs (ranks 1.. are child processes); aggregated role only",
+        help="split the model over this many GPUs (ranks 1.. are child processes); any role: KV hand-offs"
+        " re-split the kv heads between workers of different sizes",
     )
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -62,7 +63,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--staging-blocks", type=int, default=None,
         help="staging slots that gather scattered blocks into one NIXL descriptor"
-        " (default: an eighth of the KV blocks, at most 2048, on GPUs; none on CPU, where descriptors are cheap)",
+        " (default: an eighth of the KV blocks, at most 2048, on GPUs; none on CPU, where descriptors are cheap;"
+        " a quarter of the KV blocks with --tensor-parallel-size > 1, whose hand-offs all go through staging)",
     )
     parser.add_argument(
         "--stage-min-runs", type=int, default=None,
@@ -139,6 +141,7 @@ async def start_worker_server(args: argparse.Namespace) -> RunningWorker:
         transfer = TransferEngine(
             f"{worker_id}#{epoch}", engine.kv_cache, worker_id=worker_id, epoch=epoch,
             num_threads=args.nixl_threads, staging_blocks=_staging_blocks(args, engine, device),
+            sharded=engine.sharded_kv(),
             **({} if args.stage_min_runs is None else {"stage_min_runs": args.stage_min_runs}),
         )
         resources.callback(transfer.close)
@@ -184,10 +187,6 @@ def _load_engine(args: argparse.Namespace):
     from tandem.workers.engine import LLMEngine
     from tandem.workers.scheduler import SchedulerConfig
 
-    if args.tensor_parallel_size > 1 and args.role != "aggregated":
-        # A hand-off reads one worker's KV cache, and rank 0's holds only its share of the kv heads.
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} needs --role aggregated:"
-                         " KV hand-off between tensor-parallel workers is not built yet")
     config = EngineConfig(
         model=args.model,
         device=args.device,
@@ -210,6 +209,8 @@ def _load_engine(args: argparse.Namespace):
 def _staging_blocks(args: argparse.Namespace, engine, device) -> int:
     if args.staging_blocks is not None:
         return args.staging_blocks
+    if engine.tensor_parallel_size > 1:  # every hand-off goes through staging, both ways
+        return max(1, engine.pool.num_blocks // 4)
     return min(engine.pool.num_blocks // 8, 2048) if device.type == "cuda" else 0
 
 

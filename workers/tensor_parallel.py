@@ -23,6 +23,7 @@ engine at a time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -48,11 +49,13 @@ from tandem.workers.scheduler import ScheduledChunk
 from tandem.workers.tensor_parallel_follower import FollowerSpec, run_follower
 from tandem.workers.tensor_parallel_wire import (
     Failed,
+    KVCommand,
     Loaded,
     Ready,
     Started,
     TensorParallelError,
     join_group,
+    send_kv_command,
     send_shutdown,
     send_step,
 )
@@ -125,6 +128,9 @@ class TensorParallelGroup:
         self._control: dist.ProcessGroup | None = None
         self._broken: str | None = None  # why no step can run any more
         self._closed = False
+        # Held from a message's broadcast to the end of its collectives, so that steps (engine
+        # thread) and KV gathers and scatters (transfer threads) reach the followers in one order.
+        self.exclusive = threading.RLock()
         self._finalizer = weakref.finalize(self, _abandon, [f.process for f in followers])
 
     @classmethod
@@ -205,6 +211,15 @@ class TensorParallelGroup:
         assert self._control is not None
         try:
             send_step(batch, self._control)
+        except Exception as e:
+            raise self.fail(e) from e
+
+    def send_kv_command(self, command: KVCommand) -> None:
+        """Announce a KV gather or scatter (tensor_parallel_kv); the caller holds ``exclusive``."""
+        self.check_alive()
+        assert self._control is not None
+        try:
+            send_kv_command(command, self._control)
         except Exception as e:
             raise self.fail(e) from e
 
@@ -297,11 +312,12 @@ class TensorParallelRunner:
     def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """As ModelRunner.execute: logits [num_sampling_chunks, vocab], gathered over the ranks."""
         batch = build_batch(chunks, self.local.block_size)
-        self.group.send_step(batch)
-        try:
-            return self.local.run(batch)
-        except Exception as e:
-            raise self.group.fail(e) from e
+        with self.group.exclusive:
+            self.group.send_step(batch)
+            try:
+                return self.local.run(batch)
+            except Exception as e:
+                raise self.group.fail(e) from e
 
 
 def _rank_devices(device: torch.device, size: int, device_ids: Sequence[int] | None) -> list[torch.device]:

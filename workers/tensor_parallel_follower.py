@@ -2,10 +2,11 @@
 
 Life cycle: Started -> join the process group -> load this rank's weight shard -> Loaded(blocks
 that fit here) -> allocate the number of blocks rank 0 agreed on -> Ready -> run every step rank 0
-broadcasts, until SHUTDOWN. A follower has no scheduler, block pool or sampler: the block ids in
-each step come from rank 0, and its KV cache has the same number of blocks, so the same ids
-address its share of the kv heads. It exits when rank 0 dies (a watchdog thread waits on the
-parent's sentinel), so a killed server leaves no follower behind.
+broadcasts, and take its part in every KV gather or scatter (tensor_parallel_kv), until SHUTDOWN.
+A follower has no scheduler, block pool or sampler: the block ids in each step come from rank 0,
+and its KV cache has the same number of blocks, so the same ids address its share of the kv heads.
+It exits when rank 0 dies (a watchdog thread waits on the parent's sentinel), so a killed server
+leaves no follower behind.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from tandem.models.loader import load_model
 from tandem.workers.config import EngineConfig
 from tandem.workers.kv_cache_sizing import kv_cache_spec, num_kv_cache_blocks
 from tandem.workers.model_runner import ModelRunner
-from tandem.workers.tensor_parallel_wire import Failed, Loaded, Ready, Started, join_group, receive_step
+from tandem.workers.tensor_parallel_kv import follow_kv_command
+from tandem.workers.tensor_parallel_wire import Failed, KVCommand, Loaded, Ready, Started, join_group, receive_step
 
 PARENT_GONE_EXIT_CODE = 3
 
@@ -61,10 +63,13 @@ def run_follower(spec: FollowerSpec, conn: Connection) -> None:
             "127.0.0.1", spec.store_port, spec.size, False, timeout=timedelta(seconds=spec.init_timeout_s)
         )
         control = join_group(spec.rank, spec.size, store, device, spec.step_timeout_s)
-        runner = _build_runner(spec, device, conn)
+        runner, kv_cache = _build_runner(spec, device, conn)
         conn.send(Ready())
-        while (batch := receive_step(control)) is not None:
-            runner.run(batch)
+        while (message := receive_step(control)) is not None:
+            if isinstance(message, KVCommand):
+                follow_kv_command(message, kv_cache)
+            else:
+                runner.run(message)
     except BaseException:
         _report(conn, Failed(traceback.format_exc()))
         raise SystemExit(1) from None
@@ -73,8 +78,8 @@ def run_follower(spec: FollowerSpec, conn: Connection) -> None:
             dist.destroy_process_group()
 
 
-def _build_runner(spec: FollowerSpec, device: torch.device, conn: Connection) -> ModelRunner:
-    """Load this rank's shard and allocate the KV cache rank 0 agreed on."""
+def _build_runner(spec: FollowerSpec, device: torch.device, conn: Connection) -> tuple[ModelRunner, torch.Tensor]:
+    """Load this rank's shard and allocate the KV cache rank 0 agreed on; (runner, KV cache)."""
     config = spec.config
     loaded = load_model(
         config.model, dtype=spec.dtype, device=device, show_progress=False, tp=TensorParallel(spec.rank, spec.size)
@@ -84,7 +89,7 @@ def _build_runner(spec: FollowerSpec, device: torch.device, conn: Connection) ->
     conn.send(Loaded(num_kv_cache_blocks(kv_spec, config, device)))
     num_blocks = conn.recv()  # the fewest any rank fits
     kv_cache = allocate_kv_cache(kv_spec, num_blocks, device)
-    return ModelRunner(loaded.model, layer_views(kv_cache), select_backend(device), kv_spec.block_size, device)
+    return ModelRunner(loaded.model, layer_views(kv_cache), select_backend(device), kv_spec.block_size, device), kv_cache
 
 
 def _exit_with_parent() -> None:

@@ -41,6 +41,17 @@ class TensorParallelError(RuntimeError):
 class MessageKind(enum.IntEnum):
     STEP = 1
     SHUTDOWN = 2
+    GATHER_KV = 3  # every rank sends its kv heads of some blocks to rank 0 (a hand-off leaves)
+    SCATTER_KV = 4  # rank 0 sends every rank its kv heads of some blocks (a hand-off arrived)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCommand:
+    """A KV hand-off step: GATHER_KV or SCATTER_KV of ``block_ids``; the bytes follow as one
+    gather or scatter collective on the default group (tensor_parallel_kv)."""
+
+    kind: MessageKind
+    block_ids: tuple[int, ...]
 
 
 # -- start-up messages, follower -> rank 0 (rank 0 answers Loaded with the agreed block count) ----
@@ -127,12 +138,25 @@ def send_shutdown(group: dist.ProcessGroup) -> None:
     dist.broadcast(header, src=0, group=group)
 
 
-def receive_step(group: dist.ProcessGroup) -> StepBatch | None:
-    """Follower: the next step's inputs, or None when rank 0 shuts the group down."""
+def send_kv_command(command: KVCommand, group: dist.ProcessGroup) -> None:
+    """Rank 0: announce a KV gather or scatter; the collective that moves the bytes comes next."""
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[0], header[1] = command.kind, len(command.block_ids)
+    dist.broadcast(header, src=0, group=group)
+    dist.broadcast(torch.tensor(command.block_ids, dtype=torch.int64), src=0, group=group)
+
+
+def receive_step(group: dist.ProcessGroup) -> StepBatch | KVCommand | None:
+    """Follower: the next step's inputs or KV command, or None when rank 0 shuts the group down."""
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.broadcast(header, src=0, group=group)
-    if int(header[0]) == MessageKind.SHUTDOWN:
+    kind = int(header[0])
+    if kind == MessageKind.SHUTDOWN:
         return None
+    if kind in (MessageKind.GATHER_KV, MessageKind.SCATTER_KV):
+        block_ids = torch.empty(int(header[1]), dtype=torch.int64)
+        dist.broadcast(block_ids, src=0, group=group)
+        return KVCommand(MessageKind(kind), tuple(block_ids.tolist()))
     payload = torch.empty(payload_len(header), dtype=torch.int64)
     dist.broadcast(payload, src=0, group=group)
     return unpack_batch(header, payload)

@@ -66,7 +66,7 @@ class Worker:
             block_size=spec.block_size,
             kv_dtype=str(spec.dtype).removeprefix("torch."),
             num_layers=spec.num_layers,
-            num_kv_heads=spec.num_kv_heads,
+            num_kv_heads=spec.num_kv_heads * engine.tensor_parallel_size,  # of the model: a wire block has them all
             head_dim=spec.head_dim,
         )
         self.leases = LeaseTable(

@@ -174,32 +174,3 @@ def test_a_step_batch_crosses_the_wire_unchanged(logit_rows: tuple[int, ...]) ->
         query_lens=(3, 1), seq_lens=(3, 8), block_table=[[2, 0], [1, 0]], logit_rows=logit_rows,
     )
     assert unpack_batch(*pack_batch(batch)) == batch
-
-
-def test_a_tensor_parallel_worker_serves_grpc_and_refuses_a_disaggregated_role(start_worker, tiny_llama, reference,
-                                                                               tmp_path) -> None:
-    """`tandem worker --tensor-parallel-size 2`: Generate over gRPC gives transformers' tokens, and
-    stopping the worker ends its follower rank. A context worker with TP is refused at start."""
-    import subprocess
-    import sys
-
-    from worker_rpc import generate, tokens_of
-
-    args = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", "4",
-            "--kv-cache-bytes", str(1 << 18), "--tensor-parallel-size", "2"]
-    worker = start_worker("aggregated", *args)
-    chunks = generate(worker, "tp-grpc", PROMPTS[2], max_tokens=NEW_TOKENS)
-    assert tokens_of(chunks) == reference[2]
-    children = [int(p) for p in open(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children").read().split()]
-    assert children, "the follower rank runs as a child process"
-    worker.stop()
-    assert worker.process.returncode == 0
-    deadline = time.monotonic() + 15
-    while any(is_running(pid) for pid in children):
-        assert time.monotonic() < deadline, "the follower outlived its worker"
-        time.sleep(0.1)
-    refused = subprocess.run(
-        [sys.executable, "-m", "tandem.workers.main", "--role", "context", "--port", "0", *args],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert refused.returncode == 2 and "needs --role aggregated" in refused.stderr
