@@ -4,8 +4,10 @@
 Builds a tiny random-weight Llama (nothing is downloaded), starts `tandem.workers.main` twice
 per configuration (context on the first GPU, generation on the last one), and runs prompts of
 1 to 150 tokens through Prefill -> Generate(handle). Configurations: blocks read where they are,
-and every handle staged (`--stage-min-runs 0`, the path for scattered blocks). Prints one JSON
-line per configuration; exits 1 when a token differs.
+every handle staged (`--stage-min-runs 0`, the path for scattered blocks), and, with two GPUs,
+workers of different tensor-parallel sizes (TP=1 context to a TP=2 generation worker on GPUs 0
+and 1, and back), whose hand-offs re-split the kv heads over NCCL. Prints one JSON line per
+configuration; exits 1 when a token differs.
 
     python scripts/gpu_disagg_check.py                          # context on the first GPU, generation on the last
     python scripts/gpu_disagg_check.py --devices cuda:0 cuda:0  # both on one GPU
@@ -44,9 +46,10 @@ def start_worker(role: str, model_dir: str, device: str, *extra: str) -> tuple[s
     raise RuntimeError(f"{role} worker exited before it was ready")
 
 
-def run(name: str, model_dir: str, hf, devices: tuple[str, str], extra: list[str]) -> dict:
-    workers = [start_worker("context", model_dir, devices[0], *extra),
-               start_worker("generation", model_dir, devices[1], *extra)]
+def run(name: str, model_dir: str, hf, devices: tuple[str, str], extra: tuple[list[str], list[str]]) -> dict:
+    """One context and one generation worker; ``extra``: their own arguments."""
+    workers = [start_worker("context", model_dir, devices[0], *extra[0]),
+               start_worker("generation", model_dir, devices[1], *extra[1])]
     try:
         stubs = [tandem_pb2_grpc.WorkerStub(grpc.insecure_channel(ready["address"])) for _, ready in workers]
         params = pb.SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -89,8 +92,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as model_dir:
         hf.save_pretrained(model_dir, safe_serialization=True)
         hf = hf.to("cuda:0")
-        for name, extra in (("direct", []), ("staged", ["--staging-blocks", "64", "--stage-min-runs", "0"])):
-            result = run(name, model_dir, hf, devices, extra)
+        staged = ["--staging-blocks", "64", "--stage-min-runs", "0"]
+        configurations = [("direct", devices, ([], [])), ("staged", devices, (staged, staged))]
+        if torch.cuda.device_count() >= 2:  # a TP=2 worker takes cuda:0 and cuda:1; the TP=1 one shares cuda:0
+            tp2 = ["--tensor-parallel-size", "2"]
+            configurations += [("tp1 to tp2", ("cuda:0", "cuda:0"), ([], tp2)), ("tp2 to tp1", ("cuda:0", "cuda:0"), (tp2, []))]
+        for name, where, extra in configurations:
+            result = run(name, model_dir, hf, where, extra)
             print(json.dumps(result), flush=True)
             ok &= result["identical"] == f"{len(PROMPTS)}/{len(PROMPTS)}" and not any(result["blocks_still_used"])
     return 0 if ok else 1

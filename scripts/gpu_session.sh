@@ -41,7 +41,7 @@ for step in $steps; do
     transfer) if python3 -c "import nixl" 2>/dev/null; then
         run transfer 90 python3 scripts/bench_transfer.py --device cuda --src-gpu 0 --dst-gpu $(( gpus >= 2 ? 1 : 0 ))
       else echo "== transfer: skipped, nixl not installed"; fi ;;
-    disagg) if python3 -c "import nixl" 2>/dev/null; then run disagg 150 python3 scripts/gpu_disagg_check.py
+    disagg) if python3 -c "import nixl" 2>/dev/null; then run disagg 300 python3 scripts/gpu_disagg_check.py
       else echo "== disagg: skipped, nixl not installed"; fi ;;
     *) echo "unknown step: $step" >&2 ;;
   esac

@@ -202,6 +202,10 @@ def _load_engine(args: argparse.Namespace):
         engine = LLMEngine.from_config(config)  # starts the follower ranks
         return engine, engine.device, resolve_model(config.model).name
     device = resolve_device(config.device)
+    if device.type == "cuda":  # Triton launches on the current device, whatever its tensors' device
+        import torch
+
+        torch.cuda.set_device(device)
     loaded = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device, show_progress=False)
     return LLMEngine(loaded, config, device), device, loaded.source.name
 
