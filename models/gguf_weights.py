@@ -1,7 +1,8 @@
 """Streams the tensors of a GGUF file as float32 tensors under Hugging Face parameter names.
 
 Owns the mapping from llama.cpp tensor names (``blk.N.attn_q.weight``) to Hugging Face ones
-(``model.layers.N.self_attn.q_proj.weight``), dequantization (through ``gguf.quants``), the
+(``model.layers.N.self_attn.q_proj.weight``), dequantization (through ``gguf.quants``; the file's
+tensor index comes from models/gguf_index.py), the
 reshape from GGML's reversed dimension order, and undoing the row permutation that llama.cpp's
 converter applies to the q and k projections of ``llama`` models. With it, a GGUF model loads
 through the same ``load_weights`` path as a safetensors checkpoint.
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from tandem.models.errors import UnsupportedArchitectureError, WeightFileError
+from tandem.models.gguf_index import GGUFIndex, GGUFTensor, read_gguf_index
 
 # GGUF ``general.architecture`` values whose tensor names follow the table below.
 SUPPORTED_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3"})
@@ -56,8 +57,10 @@ def iter_gguf_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` for every parameter tensor in ``gguf_path``, lazily."""
     gguf_path = Path(gguf_path)
-    reader = _open(gguf_path)
-    architecture = gguf_architecture(reader, gguf_path)
+    index = _open(gguf_path)
+    architecture = index.architecture
+    if architecture is None:
+        raise WeightFileError(f"{gguf_path}: GGUF metadata lacks general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{gguf_path}: GGUF architecture {architecture!r} is not supported "
@@ -65,7 +68,7 @@ def iter_gguf_weights(
         )
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    tensors = [t for t in reader.tensors if t.name not in _SKIPPED]
+    tensors = [t for t in index.tensors if t.name not in _SKIPPED]
     for tensor in tqdm(
         tensors, desc=f"Loading {gguf_path.name}", unit="tensor", file=sys.stderr,
         disable=not show_progress,
@@ -78,14 +81,6 @@ def iter_gguf_weights(
             elif ".self_attn.k_proj." in name:
                 weight = unpermute_rotary_rows(weight, num_kv_heads)
         yield name, weight
-
-
-def gguf_architecture(reader: GGUFReader, gguf_path: Path) -> str:
-    """The file's ``general.architecture`` string."""
-    field = reader.fields.get("general.architecture")
-    if field is None or not field.data:
-        raise WeightFileError(f"{gguf_path}: GGUF metadata lacks general.architecture")
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 def hf_name(gguf_name: str, gguf_path: Path) -> str:
@@ -116,16 +111,16 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return split.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-def _open(gguf_path: Path) -> GGUFReader:
+def _open(gguf_path: Path) -> GGUFIndex:
     if not gguf_path.is_file():
         raise WeightFileError(f"{gguf_path}: GGUF file not found")
     try:
-        return GGUFReader(gguf_path)
-    except Exception as e:  # gguf raises ValueError, struct errors, OSError, ...
+        return read_gguf_index(gguf_path)
+    except Exception as e:  # a format error, an unknown GGML type, OSError, ...
         raise WeightFileError(f"{gguf_path}: not a readable GGUF file: {e}") from e
 
 
-def _dequantize(tensor: ReaderTensor, gguf_path: Path) -> torch.Tensor:
+def _dequantize(tensor: GGUFTensor, gguf_path: Path) -> torch.Tensor:
     """Dequantize one tensor to float32 in the HF shape (GGML lists dimensions innermost first)."""
     try:
         values = dequantize(tensor.data, tensor.tensor_type)

@@ -192,3 +192,28 @@ def test_missing_and_corrupt_files_are_named(tmp_path: Path) -> None:
     corrupt.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(WeightFileError, match="corrupt.gguf"):
         next(iter_gguf_weights(corrupt, LlamaConfig(), show_progress=False))
+
+
+def test_our_tensor_index_equals_gguf_readers_on_the_embedded_file() -> None:
+    """models/gguf_index.py replaces GGUFReader for weights: same tensors, types, shapes and bytes."""
+    from gguf import GGUFReader
+
+    from tandem.models.gguf_index import read_gguf_index
+
+    path = resolve_model(None).gguf_path
+    ours, theirs = read_gguf_index(path), GGUFReader(path)
+    assert ours.architecture == "llama"
+    assert [(t.name, t.tensor_type, t.shape) for t in ours.tensors] == [
+        (t.name, t.tensor_type, tuple(int(d) for d in t.shape)) for t in theirs.tensors
+    ]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert mine.data.dtype == reference.data.dtype and mine.data.shape == reference.data.shape
+        assert np.array_equal(mine.data, reference.data), mine.name
+
+
+def test_a_gguf_file_cut_short_is_named(tmp_path: Path) -> None:
+    path = resolve_model(None).gguf_path
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:200_000])  # inside the tokenizer's metadata
+    with pytest.raises(WeightFileError, match="not a readable GGUF file"):
+        list(iter_gguf_weights(cut, load_config(resolve_model(None))))
