@@ -11,12 +11,10 @@ ray/autoscaler/ray-schema.json. These tests call the same two functions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,21 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import psutil
 import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from fake_cluster import CLUSTER_YAML, GCS_PORT, ROOT, port_free, processes_of, stop_ray_under
 
 from tandem.orchestrator.autoscale_policy import load_autoscale_policy
 from tandem.orchestrator.cluster_twin import FAKE_HEAD_NODE_TYPE, write_twin
 from tandem.orchestrator.serve import add_serve_arguments
 from tandem.orchestrator.serve_config import load_serve_config
 
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER_YAML = ROOT / "cluster.yaml"
 ROLES = {"context": "context_b200", "generation": "generation_gb200"}  # serve pool -> node type
-GCS_PORT = 6379  # the fake provider starts its nodes against the GCS on this port
 LAUNCH_TIMEOUT_S = 90
 
 
@@ -174,47 +170,8 @@ def test_twin_keeps_node_types_roles_and_commands(tmp_path: Path) -> None:
     assert all(Path(local).is_dir() for local in twin["file_mounts"].values())
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the GCS binds: TIME_WAIT is no obstacle
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _processes_of(temp_dir: str) -> list[psutil.Process]:
-    """Every process of the Ray started with --temp-dir=temp_dir (fake nodes share the head's temp
-    dir), with their children (workers retitle themselves `ray::...`)."""
-    found: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter(["cmdline"]):
-        if temp_dir in " ".join(process.info["cmdline"] or []):
-            try:
-                for p in (process, *process.children(recursive=True)):
-                    found[p.pid] = p
-            except psutil.NoSuchProcess:
-                pass
-    return list(found.values())
-
-
-def _stop_ray_under(temp_dir: str) -> None:
-    """`ray stop --force` for this test's Ray only: that command stops every Ray on the machine
-    (other test sessions share it), so the processes are found by their temp dir instead. A short
-    grace, then SIGKILL, as --force does (the GCS and raylets take 20 s and more to heed SIGTERM)."""
-    processes = _processes_of(temp_dir)
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=3)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-
 def test_twin_autoscaler_launches_a_generation_node(tmp_path: Path) -> None:
-    if not _port_free(GCS_PORT):
+    if not port_free(GCS_PORT):
         pytest.skip(f"port {GCS_PORT} is taken; the fake provider needs the GCS there")
     if ray.is_initialized():
         pytest.skip("this process is connected to another Ray")
@@ -253,6 +210,6 @@ def test_twin_autoscaler_launches_a_generation_node(tmp_path: Path) -> None:
               f"({time.monotonic() - started:.1f} s with ray start)")
     finally:
         ray.shutdown()
-        _stop_ray_under(temp_dir)
+        stop_ray_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not _processes_of(temp_dir), "processes of the twin's Ray outlived the test"
+    assert not processes_of(temp_dir), "processes of the twin's Ray outlived the test"
