@@ -106,6 +106,7 @@ class TransferEngine:
         # A tensor-parallel worker's cache holds a share of the heads: it moves whole wire blocks
         # (kvtransfer/wire_blocks.py) through staging slots only, never a block in place.
         self._wire = WireRows(kv_cache, sharded)
+        self.reads_in_place = self._wire.in_place  # False: peers can READ only staged handles
         if not self._wire.in_place and staging_blocks < 1:
             raise ValueError("a worker whose KV cache holds a share of the kv heads needs staging_blocks >= 1")
         self.bytes_per_block = self._wire.bytes_per_block

@@ -60,6 +60,14 @@ class LeaseExpiredError(WorkerError):
     retriable = True
 
 
+class StagingFullError(WorkerError):
+    """A tensor-parallel worker hands KV off through staging slots, and none were free: the
+    prompt's blocks went back to the pool; the same request may succeed later or elsewhere."""
+
+    status = "RESOURCE_EXHAUSTED"
+    retriable = True
+
+
 class PeerUnavailableError(WorkerError):
     """The worker holding the KV could not be reached or died during the transfer."""
 

@@ -31,7 +31,7 @@ from tandem.kvtransfer.leases import KVHandle, LeaseTable
 from tandem.kvtransfer.nixl_transfer import TransferEngine, TransferError, TransferStats
 from tandem.workers.engine import LLMEngine, RequestOutput
 from tandem.workers.engine_loop import EngineLoop
-from tandem.workers.errors import DrainingError, InvalidRequestError, LeaseExpiredError, WrongRoleError
+from tandem.workers.errors import DrainingError, InvalidRequestError, LeaseExpiredError, StagingFullError, WrongRoleError
 from tandem.workers.handle_checks import check_handle_fits, check_handle_request, confirm_lease, raise_peer_failure
 from tandem.workers.pairing import PairingInfo
 from tandem.workers.peers import PeerClients
@@ -81,7 +81,8 @@ class Worker:
         self.draining = False
         self.num_transferred_blocks = 0
         self.num_transferred_bytes = 0
-        self._granted: dict[str, KVHandle] = {}  # request id -> handle, written on the engine thread
+        # request id -> the handle, or why none could be made; written on the engine thread
+        self._granted: dict[str, KVHandle | StagingFullError] = {}
         self._transferring: dict[str, bool] = {}  # request id -> abort requested
         self._in_flight: set[str] = set()  # ids of the Prefill and Generate calls being served
         self._quarantined: dict[str, tuple[int, ...]] = {}  # transfer tag -> blocks a READ may still write
@@ -110,7 +111,10 @@ class Worker:
         try:
             await self.loop.call(partial(self.engine.add_request, request_id, list(prompt_token_ids), params, hand_off_kv=True))
             output = await stream.get()  # one output: the hand-off, or the end of the request
-            return PrefillResult(output, self._granted.pop(request_id, None))
+            handle = self._granted.pop(request_id, None)
+            if isinstance(handle, StagingFullError):
+                raise handle
+            return PrefillResult(output, handle)
         except asyncio.CancelledError:
             self.loop.submit(partial(self._abort_on_engine, request_id))
             raise
@@ -122,6 +126,11 @@ class Worker:
         assert output.held_kv is not None
         held = output.held_kv
         staged_at = self.transfer.stage(held.block_ids)
+        if staged_at is None and not self.transfer.reads_in_place:  # no peer could read these blocks
+            self.engine.release_blocks(held.block_ids)
+            self._granted[output.request_id] = StagingFullError(
+                f"request {output.request_id}: no {len(held.block_ids)} free staging slots to hand its KV off from")
+            return
         self._granted[output.request_id] = self.leases.grant(output.request_id, held.block_ids, held.num_tokens, staged_at)
 
     def _end_lease(self, handle: KVHandle) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import grpc
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from tiny_models import TINY_LLAMA
 from worker_rpc import generate, pool_full, prefill, tokens_of, wait_for
 
 BLOCK_SIZE = 4
+STAGING_SLOTS = 12  # the two-rank worker's: enough for one 10-block prompt, not for a 15-block one
 NEW_TOKENS = 16
 _rng = torch.Generator().manual_seed(11)
 # One prompt per direction (a worker's prefix cache would hold the other's), 10 blocks, the last part-filled.
@@ -29,7 +31,7 @@ def workers(start_worker, tiny_llama):
     """Two aggregated workers (each serves Prefill and Generate): one of two ranks, one of one."""
     args = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", str(BLOCK_SIZE),
             "--kv-cache-bytes", str(1 << 18), "--lease-seconds", "10"]
-    two_ranks = start_worker("aggregated", *args, "--tensor-parallel-size", "2")
+    two_ranks = start_worker("aggregated", *args, "--tensor-parallel-size", "2", "--staging-blocks", str(STAGING_SLOTS))
     one_rank = start_worker("aggregated", *args)
     return two_ranks, one_rank
 
@@ -74,6 +76,18 @@ def test_both_report_the_model_s_kv_heads_and_the_same_wire_block(workers) -> No
     assert metas[0].base_address == 0, "a two-rank worker reads nothing in place"
     assert metas[0].staging_slots > 0
     assert metas[1].base_address != 0
+
+
+def test_a_hand_off_without_free_staging_slots_is_refused_as_retriable_and_frees_its_blocks(workers) -> None:
+    two_ranks, _ = workers
+    long_prompt = PROMPTS["tp2 to tp1"] + PROMPTS["tp1 to tp2"][:23]  # 60 tokens: 15 blocks
+    with pytest.raises(grpc.RpcError) as refused:
+        prefill(two_ranks, "no-room", long_prompt, NEW_TOKENS)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "free staging slots" in refused.value.details()
+    assert ("tandem-retriable", "true") in refused.value.trailing_metadata()
+    stats = two_ranks.stats()
+    assert stats.num_leases == 0 and stats.num_free_blocks == stats.num_total_blocks
 
 
 def test_plain_generate_then_stop_ends_the_follower_rank(workers, tiny_llama) -> None:
