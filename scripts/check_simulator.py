@@ -4,6 +4,9 @@ this CPU, and `simulate()` given that CPU's profile, on the same Poisson trace.
 In one run:
 1. Profile the engine in this process (`measure_profile`, workers/profile.py) with one torch thread:
    each real worker runs with OMP_NUM_THREADS=1 and the two of them share the machine's cores.
+   Colocated (the default; `--alone` turns it off): prefills are timed while a second engine
+   process decodes beside them, decode steps while it prefills (workers/profile_neighbour.py), as
+   the two workers of this cluster run on one host.
 2. Draw a seeded Poisson trace (random token-id prompts around --prompt-tokens, --output-tokens
    each, EOS ignored) and write it as the simulator's JSONL trace.
 3. Start one context and one generation worker process (float32, CPU, OMP_NUM_THREADS=1) and the
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--tolerance", type=float, default=0.25)
     add("--seed", type=int, default=0)
     add("--out", default=None, help="also write the JSON summary here")
+    add("--alone", action="store_true", help="profile with nothing beside the engine (not colocated)")
     return parser.parse_args(argv)
 
 
@@ -76,13 +80,21 @@ def profile_engine(args: argparse.Namespace) -> tuple[Json, list[Json], Json]:
     from tandem.workers.config import CacheConfig
     from tandem.workers.llm import LLM
     from tandem.workers.profile import measure_profile
+    from tandem.workers.profile_neighbour import Neighbour
     from tandem.workers.scheduler import SchedulerConfig
 
     torch.set_num_threads(1)
     llm = LLM(None, device="cpu", dtype="float32", show_progress=False, cache=CacheConfig(num_bytes=args.kv_cache_bytes),
               scheduler=SchedulerConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=2048))
-    profile, rows = measure_profile(llm, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
-                                    itl_slo_ms=args.itl_slo_ms, max_batch=args.max_batch, seed=args.seed)
+    neighbour = None if args.alone else Neighbour(None, "cpu", "float32", args.kv_cache_bytes, num_threads=1)
+    try:
+        profile, rows = measure_profile(llm, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                                        itl_slo_ms=args.itl_slo_ms, max_batch=args.max_batch, seed=args.seed,
+                                        neighbour=neighbour)
+    finally:
+        steps = neighbour.close() if neighbour is not None else {}
+    if steps:
+        rows.append({"measure": "neighbour_steps", **steps})
     kv = _kv_shape(llm)
     rows.append({"measure": "one_prompt_alone", "prompt_tokens": args.prompt_tokens,
                  "ms_median_of_3": round(1000 * _one_prompt_seconds(llm, args.prompt_tokens), 1)})
@@ -248,7 +260,7 @@ def run(args: argparse.Namespace, processes: Processes) -> Json:
     return {
         "trace": {"file": str(trace_path), "requests": args.requests, "rate_per_s": args.rate,
                   "prompt_tokens_mean": sum(len(p) for _, p in trace) / len(trace), "output_tokens": args.output_tokens},
-        "profile": profile_map, "profile_rows": rows, "profile_threads": 1, "kv": kv,
+        "profile": profile_map, "profile_rows": rows, "profile_threads": 1, "profile_colocated": not args.alone, "kv": kv,
         "kv_bandwidth_gb_s": CPU_KV_BANDWIDTH_GB_S, "real": real,
         "simulated": {name: {"decode_fixed_fraction": round(p.decode_fixed_fraction, 3), **s} for name, (p, s) in sims.items()},
         "comparison": {name: compare(real, s, args.tolerance) for name, (_, s) in sims.items()},

@@ -6,7 +6,9 @@ while its inter-token latency stays within the SLO, and how many sequences it de
 They are measured here on the engine itself (no server): prefill on a batch of fresh prompts
 (no prefix-cache hits), decode at doubling batch sizes until a step takes longer than the ITL
 SLO or the KV cache cannot hold the batch. The JSON written holds exactly the planner's keys;
-the per-batch measurements are printed beside it.
+the per-batch measurements are printed beside it. ``--colocated`` measures each role while the
+other runs beside it on the same host (workers/profile_neighbour.py): the profile of workers that
+share cores and memory bandwidth.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 from tandem.workers.llm import LLM
+from tandem.workers.profile_neighbour import Neighbour
 from tandem.workers.sampling_params import SamplingParams
 
 PREFILL_BATCH = 8
@@ -27,13 +30,17 @@ TIMED_DECODE_STEPS = 8
 
 
 def measure_profile(
-    llm: LLM, *, prompt_tokens: int, output_tokens: int, itl_slo_ms: float, max_batch: int, seed: int = 0
+    llm: LLM, *, prompt_tokens: int, output_tokens: int, itl_slo_ms: float, max_batch: int, seed: int = 0,
+    neighbour: Neighbour | None = None,
 ) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
-    """(the planner's WorkerProfile mapping, one row per measurement)."""
+    """(the planner's WorkerProfile mapping, one row per measurement); with a ``neighbour``,
+    prefills are timed while it decodes and decode steps while it prefills."""
     rng = random.Random(seed)
     engine = llm.engine
     prompts = lambda count, length: [[rng.randrange(1, engine.vocab_size) for _ in range(length)] for _ in range(count)]  # noqa: E731
     _run(engine, prompts(1, DECODE_PROMPT_TOKENS), 2)  # warm-up: allocators, kernels
+    if neighbour is not None:
+        neighbour.switch("decode")
     started = time.perf_counter()
     _run(engine, prompts(PREFILL_BATCH, prompt_tokens), 1)
     prefill_tokens_per_s = PREFILL_BATCH * prompt_tokens / (time.perf_counter() - started)
@@ -42,6 +49,8 @@ def measure_profile(
     fits = engine.pool.num_blocks // -(-(prompt_tokens + output_tokens) // engine.pool.block_size)
     best = None
     batch = 1
+    if neighbour is not None:
+        neighbour.switch("prefill")
     while batch <= min(max_batch, fits):
         step_s = _decode_step_seconds(engine, prompts(batch, DECODE_PROMPT_TOKENS))
         rows.append({"measure": "decode", "batch": batch, "step_ms": round(step_s * 1000, 3),
@@ -50,6 +59,8 @@ def measure_profile(
             break
         best = (batch, batch / step_s)
         batch *= 2
+    if neighbour is not None:
+        neighbour.switch("idle")
     if best is None:
         raise ValueError(f"one sequence already decodes slower than the ITL SLO of {itl_slo_ms:g} ms ({rows[-1]['step_ms']} ms)")
     profile = {"prefill_tokens_per_s": round(prefill_tokens_per_s, 1), "decode_tokens_per_s": round(best[1], 1),
@@ -84,15 +95,23 @@ def run(args: argparse.Namespace) -> int:
     from tandem.workers.config import CacheConfig
     from tandem.workers.scheduler import SchedulerConfig
 
+    import torch
+
+    neighbour = None
     try:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, show_progress=False,
                   cache=CacheConfig(num_bytes=args.kv_cache_bytes),
                   scheduler=SchedulerConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=max(2048, args.prompt_tokens)))
+        if args.colocated:
+            neighbour = Neighbour(args.model, args.device, args.dtype, args.kv_cache_bytes, torch.get_num_threads())
         profile, rows = measure_profile(llm, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
-                                        itl_slo_ms=args.itl_slo_ms, max_batch=args.max_batch)
+                                        itl_slo_ms=args.itl_slo_ms, max_batch=args.max_batch, neighbour=neighbour)
     except ValueError as error:
         print(f"tandem profile: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if neighbour is not None:
+            neighbour.close()
     for row in rows:
         print(json.dumps(row))
     with open(args.out, "w", encoding="utf-8") as out:
