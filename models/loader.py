@@ -2,7 +2,8 @@
 
 The model is built directly on the target device with the target dtype as the default, then the
 checkpoint streams into it one tensor at a time (each parameter's weight_loader converts dtype and
-picks its tensor-parallel shard), so peak memory is the model plus one tensor.
+picks its tensor-parallel shard), so peak memory is the model plus one tensor. A ``random:<dir>``
+model reads no weights: each rank fills the shard it holds with random values on the device.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from tandem.models.layers import TensorParallel
+from tandem.models.random_weights import init_random_, seeded_generator
 from tandem.models.registry import model_class_for
 from tandem.models.source import ModelSource, iter_weights, load_config, load_tokenizer, resolve_model
 
@@ -52,7 +54,11 @@ def load_model(
     model_class = model_class_for(config)
     with torch.device(device), default_dtype(dtype):
         module = model_class(config, tp) if tp.size > 1 else model_class(config)
-    module.load_weights(iter_weights(source, show_progress=show_progress, config=config))
+    if source.random_weights:
+        init_random_(module, generator=seeded_generator(device, seed=tp.rank))  # a rank draws its own shard
+        logger.warning("%s: random weights (random:<dir>), for benchmarks only: the outputs mean nothing", source.name)
+    else:
+        module.load_weights(iter_weights(source, show_progress=show_progress, config=config))
     module.eval()
     module.prepare_for_inference()
     tokenizer = load_tokenizer(source) if _has_tokenizer(source) else None

