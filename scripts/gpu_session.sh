@@ -2,7 +2,8 @@
 # One device call that checks and times the GPU path, after the wheel packs have been carried in
 # earlier calls (../shared/gpu/README.md): kernels against the torch reference, the engine
 # token-exact against transformers (eager and CUDA graphs), tensor parallelism over NCCL, the
-# decode / cold-start benchmarks, KV transfer and the disaggregated pair.
+# decode / cold-start benchmarks, KV transfer and the disaggregated pair; `node` serves a
+# Llama-8B-shaped model through tandem serve on two GPUs (scripts/bench_node.py).
 #
 #   bash scripts/gpu_session.sh [step ...]     # default: every step; results under $OUT (or ./gpu-out)
 #
@@ -43,6 +44,10 @@ for step in $steps; do
       else echo "== transfer: skipped, nixl not installed"; fi ;;
     disagg) if python3 -c "import nixl" 2>/dev/null; then run disagg 300 python3 scripts/gpu_disagg_check.py
       else echo "== disagg: skipped, nixl not installed"; fi ;;
+    node) if python3 -c "import ray, fastapi, nixl" 2>/dev/null && (( gpus >= 2 )); then  # ray, serve packs carried
+        run node 570 python3 scripts/bench_node.py --shape llama-3.1-8b --configs agg:2xtp1 disagg:1xtp1+1xtp1 \
+          --prompt-tokens 2048 --output-tokens 256 --num-requests 32 --rates 1 2 4 --predict --out "$out/node.json"
+      else echo "== node: skipped, needs two GPUs and the ray, serve and nixl packs"; fi ;;
     *) echo "unknown step: $step" >&2 ;;
   esac
 done
