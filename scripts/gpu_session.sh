@@ -45,7 +45,8 @@ for step in $steps; do
     disagg) if python3 -c "import nixl" 2>/dev/null; then run disagg 300 python3 scripts/gpu_disagg_check.py
       else echo "== disagg: skipped, nixl not installed"; fi ;;
     node) if python3 -c "import ray, fastapi, nixl" 2>/dev/null && (( gpus >= 2 )); then  # ray, serve packs carried
-        run node 570 python3 scripts/bench_node.py --shape llama-3.1-8b --configs agg:2xtp1 disagg:1xtp1+1xtp1 \
+        # shellcheck disable=SC2086  # NODE_CONFIGS: e.g. "agg:2xtp2 disagg:1xtp2+1xtp2" on four GPUs
+        run node 570 python3 scripts/bench_node.py --shape llama-3.1-8b --configs ${NODE_CONFIGS:-agg:2xtp1 disagg:1xtp1+1xtp1} \
           --prompt-tokens 2048 --output-tokens 256 --num-requests 32 --rates 1 2 4 --predict --out "$out/node.json" \
           $( [[ -d .gpu/tokenizer ]] && echo --tokenizer .gpu/tokenizer )
       else echo "== node: skipped, needs two GPUs and the ray, serve and nixl packs"; fi ;;
