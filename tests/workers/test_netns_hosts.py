@@ -2,11 +2,16 @@
 (scripts/netns_cluster.py), each bound to its own address, with UCX held to TCP: the KV moves
 between them as it would between nodes. Then the context host is cut off mid-request: the READ's
 deadline fires, the request fails cleanly and retriably, and once the host is back and its lease
-has run out, every block is free on both sides and the pair serves again.
+has run out, every block is free on both sides and the pair serves again. Last, the context
+host's link is slowed and made lossy (tc tbf and iptables' random drop: this kernel has no
+sch_netem): the READ takes longer, at least its bytes over the rate, and the request finishes.
 
-Needs root (CAP_NET_ADMIN) and iproute2; skipped, saying so, where namespaces cannot be made."""
+Needs root (CAP_NET_ADMIN) and iproute2, the last test iptables; skipped, saying so, where
+namespaces cannot be made or iptables is missing."""
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 
 import grpc
@@ -14,17 +19,20 @@ import pytest
 from netns_hosts import netns_cluster, skip_without_namespaces
 from worker_rpc import generate, pool_full, prefill, run_disaggregated, tokens_of, wait_for
 
-HOSTS = ["ctx", "gen"]  # short: the namespace test must not meet a real cluster's names
+HOSTS = ["hx-ctx", "hx-gen"]  # short, no real cluster's; own bridge and subnet: other netns tests may run beside
+BRIDGE, SUBNET = "tandem-hx0", "10.77.2"
 KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
 TRANSFER_TIMEOUT_S, LEASE_S = 3.0, 6.0
 PROMPT = list(range(1000, 1040))  # three blocks
+RATE, RATE_BYTES_PER_S, BURST_BYTES, LOSS = "32mbit", 4_000_000, 65_536, 0.05
 
 
 @pytest.fixture(scope="module")
 def hosts(start_worker):
     skip_without_namespaces()
     netns = netns_cluster()
-    context_host, generation_host = netns.up(HOSTS)
+    network = netns.Network(BRIDGE, SUBNET)
+    context_host, generation_host = netns.up(HOSTS, network)
     try:
         common = ("--kv-cache-bytes", str(KV_CACHE_BYTES), "--transfer-timeout", str(TRANSFER_TIMEOUT_S),
                   "--lease-seconds", str(LEASE_S))
@@ -35,7 +43,7 @@ def hosts(start_worker):
                                   wrap=["ip", "netns", "exec", generation_host.namespace])
         yield netns, (context_host, generation_host), (context, generation)
     finally:
-        netns.down(HOSTS)
+        netns.down(HOSTS, network)
 
 
 def test_workers_listen_on_their_own_hosts_and_kv_moves_between_them(hosts) -> None:
@@ -69,3 +77,29 @@ def test_a_partitioned_context_host_fails_the_read_cleanly_and_frees_everything(
              "the context worker's lease to run out and its blocks to come back")
     tokens, _, chunks = run_disaggregated((context, generation), "netns-3", list(range(3000, 3040)))
     assert len(tokens) > 1 and chunks[0].transfer.num_blocks == 3  # the pair serves again
+
+
+def test_a_slow_lossy_context_link_slows_the_read_and_the_request_still_finishes(hosts) -> None:
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables is not installed: no random loss on a link without sch_netem")
+    netns, (context_host, _), pair = hosts
+    _, _, plain = run_disaggregated(pair, "netns-4", list(range(4000, 4040)))  # the same size, no fault
+    prompt = list(range(5000, 5040))
+    try:
+        netns.throttle(context_host, RATE, burst=f"{BURST_BYTES // 1024}kb")
+        netns.drop(context_host, LOSS)
+    except subprocess.CalledProcessError as error:
+        netns.clear(context_host)
+        pytest.skip(f"this kernel cannot slow or drop on a link: {error.stderr.decode().strip()}")
+    try:
+        tokens, _, chunks = run_disaggregated(pair, "netns-5", prompt)
+        dropped = netns.dropped(context_host)
+    finally:
+        netns.clear(context_host)
+    slow, fast = chunks[0].transfer, plain[0].transfer
+    assert slow.num_blocks == 3 and slow.num_bytes == 3 * 737_280 and dropped > 0
+    floor_s = (slow.num_bytes - BURST_BYTES) / RATE_BYTES_PER_S  # a burst at once, then the rate
+    assert floor_s < slow.seconds < TRANSFER_TIMEOUT_S and slow.seconds > fast.seconds, (slow.seconds, fast.seconds)
+    print(f"\nREAD of 3 blocks: {fast.seconds:.3f} s on a plain link, {slow.seconds:.3f} s at {RATE} with "
+          f"{LOSS:.0%} loss ({dropped} packets dropped; floor {floor_s:.3f} s)")
+    assert tokens == tokens_of(generate(pair[1], "netns-5-reference", prompt))
