@@ -2,7 +2,8 @@
 (scripts/netns_cluster.py), each bound to its own address, with UCX held to TCP: the KV moves
 between them as it would between nodes. Then the context host is cut off mid-request: the READ's
 deadline fires, the request fails cleanly and retriably, and once the host is back and its lease
-has run out, every block is free on both sides and the pair serves again. Last, the context
+has run out, every block is free on both sides and the pair serves again. The same when the
+generation host is cut off in the middle of its READ (slowed so that there is a middle). Last, the context
 host's link is slowed and made lossy (tc tbf and iptables' random drop: this kernel has no
 sch_netem): the READ takes longer, at least its bytes over the rate, and the request finishes.
 
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 
 import grpc
 import pytest
 from netns_hosts import netns_cluster, skip_without_namespaces
-from worker_rpc import generate, pool_full, prefill, run_disaggregated, tokens_of, wait_for
+from worker_rpc import generate, greedy, pool_full, prefill, run_disaggregated, tokens_of, wait_for
+
+from tandem.proto import tandem_pb2 as pb
 
 HOSTS = ["hx-ctx", "hx-gen"]  # short, no real cluster's; own bridge and subnet: other netns tests may run beside
 BRIDGE, SUBNET = "tandem-hx0", "10.77.2"
@@ -103,3 +107,40 @@ def test_a_slow_lossy_context_link_slows_the_read_and_the_request_still_finishes
     print(f"\nREAD of 3 blocks: {fast.seconds:.3f} s on a plain link, {slow.seconds:.3f} s at {RATE} with "
           f"{LOSS:.0%} loss ({dropped} packets dropped; floor {floor_s:.3f} s)")
     assert tokens == tokens_of(generate(pair[1], "netns-5-reference", prompt))
+
+
+def test_a_generation_host_cut_off_mid_read_fails_cleanly_and_frees_everything(hosts) -> None:
+    netns, (context_host, generation_host), (context, generation) = hosts
+    prompt = list(range(6000, 6040))
+    reply = prefill(context, "netns-6", prompt)
+    read_before = generation.stats().num_transferred_blocks
+    netns.throttle(context_host, RATE, burst=f"{BURST_BYTES // 1024}kb")  # the READ takes ~0.55 s: time to cut it
+    request = pb.GenerateRequest(request_id="netns-6", prompt_token_ids=prompt, params=greedy(),
+                                 kv_handle=reply.kv_handle, first_token_id=reply.first_token_id)
+    outcome: list[BaseException | list] = []
+
+    def call() -> None:
+        try:
+            outcome.append(list(generation.stub.Generate(request, timeout=TRANSFER_TIMEOUT_S + 4)))
+        except grpc.RpcError as error:
+            outcome.append(error)
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        time.sleep(0.25)
+        netns.partition(generation_host)
+        caller.join(TRANSFER_TIMEOUT_S + 10)
+    finally:
+        netns.heal(generation_host)
+        netns.clear(context_host)
+    assert not caller.is_alive() and len(outcome) == 1
+    # The client (on the other side of the cut) hears the worker's UNAVAILABLE or its own deadline.
+    assert isinstance(outcome[0], grpc.RpcError), outcome[0]
+    assert outcome[0].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), outcome[0]
+    wait_for(lambda: pool_full(generation), 15, "the generation worker's reserved blocks to come back")
+    assert generation.stats().num_transferred_blocks == read_before, "the READ finished before the cut"
+    wait_for(lambda: context.stats().num_leases == 0 and pool_full(context), LEASE_S + 15,
+             "the context worker's lease to run out and its blocks to come back")
+    tokens, _, chunks = run_disaggregated((context, generation), "netns-7", list(range(7000, 7040)))
+    assert len(tokens) > 1 and chunks[0].transfer.num_blocks == 3  # the pair serves again
