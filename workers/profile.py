@@ -3,8 +3,9 @@
 The planner (orchestrator/planner.py) sizes the pools from three numbers per worker: prompt
 tokens a context worker prefills per second, output tokens a generation worker emits per second
 while its inter-token latency stays within the SLO, and how many sequences it decodes at once.
-They are measured here on the engine itself (no server): prefill on a batch of fresh prompts
-(no prefix-cache hits), decode at doubling batch sizes until a step takes longer than the ITL
+They are measured here on the engine itself (no server): prefill on fresh prompts (no prefix-cache
+hits) run one at a time, as the simulator's context worker runs them and as a real one does below
+saturation (a batch of prompts per step hides the cost that each lone prompt pays), decode at doubling batch sizes until a step takes longer than the ITL
 SLO or the KV cache cannot hold the batch. The JSON written holds exactly the planner's keys;
 the per-batch measurements are printed beside it. ``--colocated`` measures each role while the
 other runs beside it on the same host (workers/profile_neighbour.py): the profile of workers that
@@ -24,7 +25,7 @@ from tandem.workers.llm import LLM
 from tandem.workers.profile_neighbour import Neighbour
 from tandem.workers.sampling_params import SamplingParams
 
-PREFILL_BATCH = 8
+PREFILL_PROMPTS = 8
 DECODE_PROMPT_TOKENS = 16
 TIMED_DECODE_STEPS = 8
 
@@ -41,11 +42,13 @@ def measure_profile(
     _run(engine, prompts(1, DECODE_PROMPT_TOKENS), 2)  # warm-up: allocators, kernels
     if neighbour is not None:
         neighbour.switch("decode")
+    lone_prompts = prompts(PREFILL_PROMPTS, prompt_tokens)
     started = time.perf_counter()
-    _run(engine, prompts(PREFILL_BATCH, prompt_tokens), 1)
-    prefill_tokens_per_s = PREFILL_BATCH * prompt_tokens / (time.perf_counter() - started)
-    rows: list[dict[str, Any]] = [{"measure": "prefill", "prompts": PREFILL_BATCH, "prompt_tokens": prompt_tokens,
-                                   "tokens_per_s": round(prefill_tokens_per_s, 1)}]
+    for prompt in lone_prompts:
+        _run(engine, [prompt], 1)
+    prefill_tokens_per_s = PREFILL_PROMPTS * prompt_tokens / (time.perf_counter() - started)
+    rows: list[dict[str, Any]] = [{"measure": "prefill", "prompts": PREFILL_PROMPTS, "one_at_a_time": True,
+                                   "prompt_tokens": prompt_tokens, "tokens_per_s": round(prefill_tokens_per_s, 1)}]
     fits = engine.pool.num_blocks // -(-(prompt_tokens + output_tokens) // engine.pool.block_size)
     best = None
     batch = 1
