@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -207,19 +207,17 @@ class TensorParallelGroup:
 
     def send_step(self, batch: StepBatch) -> None:
         """Broadcast one step's inputs; raises TensorParallelError if the group cannot run it."""
-        self.check_alive()
-        assert self._control is not None
-        try:
-            send_step(batch, self._control)
-        except Exception as e:
-            raise self.fail(e) from e
+        self._broadcast(lambda control: send_step(batch, control))
 
     def send_kv_command(self, command: KVCommand) -> None:
         """Announce a KV gather or scatter (tensor_parallel_kv); the caller holds ``exclusive``."""
+        self._broadcast(lambda control: send_kv_command(command, control))
+
+    def _broadcast(self, send: Callable[[dist.ProcessGroup], None]) -> None:
         self.check_alive()
         assert self._control is not None
         try:
-            send_kv_command(command, self._control)
+            send(self._control)
         except Exception as e:
             raise self.fail(e) from e
 

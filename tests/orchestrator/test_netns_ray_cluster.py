@@ -10,7 +10,6 @@ Everything the test starts runs inside its namespaces and is killed by namespace
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from netns_hosts import netns_cluster, skip_without_namespaces
+from netns_hosts import kill_namespace, namespace_pids, netns_cluster, skip_without_namespaces
 
 from tandem.models.gguf_metadata_cache import cache_root
 from tandem.proto import tandem_pb2 as pb
@@ -95,16 +94,10 @@ class Cluster:
                     self.serve.wait(30)
                 except subprocess.TimeoutExpired:
                     pass
-            deadline = time.monotonic() + 15
-            while (pids := self.pids(host)) and time.monotonic() < deadline:  # Ray forks while it dies
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.2)
+            kill_namespace(host.namespace)
 
     def pids(self, host) -> list[int]:
-        listed = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout
-        return [int(pid) for pid in listed.split()]
+        return namespace_pids(host.namespace)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import httpx
 import pytest
 import yaml
 
-from netns_hosts import netns_cluster, skip_without_namespaces
+from netns_hosts import kill_namespace, load_script, namespace_pids, netns_cluster, skip_without_namespaces
 
 from tandem.models.gguf_metadata_cache import cache_root
 from tandem.proto import tandem_pb2 as pb
@@ -43,21 +42,12 @@ from tandem.proto import tandem_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
-SSHD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "netns_sshd.py"
 HOSTS = ["rup-head", "rup-ctx", "rup-gen"]  # their own names, bridge and subnet: the other netns tests may run beside
 BRIDGE, SUBNET = "tandem-rup0", "10.77.1"
 HTTP_PORT = 8000
 READY_S = 300
 BLOCK_BYTES = 737_280  # one block of 16 tokens of SmolLM2 in float32
 RAY_GCS_RECONNECT_S = 10  # a worker host's raylet exits this long after the head's GCS is gone
-
-
-def _netns_sshd() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("netns_sshd", SSHD_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 class RayUpCluster:
@@ -138,8 +128,7 @@ class RayUpCluster:
         return "".join(path.read_text(errors="replace")[-3000:] for path in outs)
 
     def pids(self, host) -> list[int]:
-        listed = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout
-        return [int(pid) for pid in listed.split()]
+        return namespace_pids(host.namespace)
 
     def raylets_and_workers(self) -> list[str]:
         """Raylets and Tandem workers (Ray actors) in any host's namespace."""
@@ -158,12 +147,7 @@ class RayUpCluster:
         for ssh_host in self.ssh_hosts:
             self.sshd.stop(ssh_host)
         for host in self.hosts:
-            deadline = time.monotonic() + 15
-            while (pids := self.pids(host)) and time.monotonic() < deadline:  # Ray forks while it dies
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.2)
+            kill_namespace(host.namespace)
         for pid in _pids_naming(self.control_dir()):  # `ray up`'s ssh masters linger 10 s (ControlPersist)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -213,7 +197,7 @@ def _wait(predicate, timeout: float, explain) -> float:
 @pytest.fixture
 def cluster():
     skip_without_namespaces()
-    sshd = _netns_sshd()
+    sshd = load_script("netns_sshd")
     if (reason := sshd.missing()) is not None:
         pytest.skip(f"cannot run sshd on namespaced hosts here: {reason}")
     # Short: Ray's socket paths under its temp dir must fit in 107 bytes.
