@@ -83,7 +83,8 @@ def _add_profile(commands: argparse._SubParsersAction) -> None:
     profile.add_argument("--out", default="profile.json", help="where the planner's profile JSON goes")
     profile.add_argument(
         "--colocated", action="store_true",
-        help="time each role while an engine of the other role runs beside it (workers that share a host)",
+        help="time each role while an engine of the other role runs beside it, each with half of the threads"
+        " (workers that share a host)",
     )
     profile.set_defaults(run=_run_profile)
 

@@ -105,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, show_progress=False,
                   cache=CacheConfig(num_bytes=args.kv_cache_bytes),
                   scheduler=SchedulerConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=max(2048, args.prompt_tokens)))
-        if args.colocated:
-            neighbour = Neighbour(args.model, args.device, args.dtype, args.kv_cache_bytes, torch.get_num_threads())
+        if args.colocated:  # two workers share the host: each gets half its threads (oversubscribed OpenMP crawls)
+            threads = max(1, torch.get_num_threads() // 2)
+            torch.set_num_threads(threads)
+            neighbour = Neighbour(args.model, args.device, args.dtype, args.kv_cache_bytes, threads)
         profile, rows = measure_profile(llm, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                                         itl_slo_ms=args.itl_slo_ms, max_batch=args.max_batch, neighbour=neighbour)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:  # RuntimeError: the --colocated neighbour did not start
         print(f"tandem profile: error: {error}", file=sys.stderr)
         return 2
     finally:
