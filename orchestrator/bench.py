@@ -213,13 +213,20 @@ async def _closed_loop(bodies: list[Json], concurrency: int, send: Send) -> list
     return records  # type: ignore[return-value]  (all filled)
 
 
-async def _poisson(bodies: list[Json], rate: float, seed: int, send: Send) -> list[RequestRecord]:
+def poisson_gaps(num_requests: int, rate: float, seed: int) -> list[float]:
+    """Seconds before each request of an open-loop run: none before the first, then exponential
+    gaps from random.Random(seed); a simulation of the same run (scripts/bench_node_predict.py)
+    replays exactly these."""
     rng = random.Random(seed)
+    return [0.0 if i == 0 else rng.expovariate(rate) for i in range(num_requests)]
+
+
+async def _poisson(bodies: list[Json], rate: float, seed: int, send: Send) -> list[RequestRecord]:
     tasks: list[asyncio.Task] = []
     try:
-        for i, body in enumerate(bodies):
-            if i:
-                await asyncio.sleep(rng.expovariate(rate))
+        for body, gap in zip(bodies, poisson_gaps(len(bodies), rate, seed)):
+            if gap > 0:
+                await asyncio.sleep(gap)
             tasks.append(asyncio.create_task(send(body)))
         return list(await asyncio.gather(*tasks))
     finally:

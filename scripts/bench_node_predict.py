@@ -17,9 +17,9 @@ scripts/check_simulator.py does.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -29,6 +29,7 @@ from typing import Any
 from bench_node_setup import WORKER_MAX_BATCHED_TOKENS, WORKER_MAX_NUM_SEQS, NodeConfig
 from check_simulator import fitted_fixed_fraction
 
+from tandem.orchestrator.bench import poisson_gaps
 from tandem.orchestrator.bench_stats import percentile
 from tandem.orchestrator.sim_workload import SimRequest
 
@@ -37,14 +38,9 @@ Json = dict[str, Any]
 
 def poisson_trace(num_requests: int, rate: float, seed: int, prompt_tokens: Sequence[int], output_tokens: int) -> list[SimRequest]:
     """The arrivals `tandem bench` draws for Load(num_requests, rate=rate, seed=seed) (orchestrator/
-    bench.py `_poisson`: the first at 0, then exponential gaps from random.Random(seed)), each with
-    its prompt's measured token count."""
-    rng, t, trace = random.Random(seed), 0.0, []
-    for i in range(num_requests):
-        if i:
-            t += rng.expovariate(rate)
-        trace.append(SimRequest(t, prompt_tokens[i], output_tokens))
-    return trace
+    bench.py `poisson_gaps`), each with its prompt's measured token count."""
+    arrivals = itertools.accumulate(poisson_gaps(num_requests, rate, seed))
+    return [SimRequest(t, prompt_tokens[i], output_tokens) for i, t in enumerate(arrivals)]
 
 
 def write_trace(trace: list[SimRequest], path: Path) -> Path:
