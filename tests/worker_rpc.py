@@ -49,6 +49,13 @@ def run_disaggregated(pair, request_id: str, prompt_ids: list[int], max_tokens: 
     return [reply.first_token_id, *tokens_of(chunks)], reply, chunks
 
 
+def free_port() -> int:
+    """A port nothing listens on now (another process may take it before the caller binds it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from tandem.models.gguf_metadata_cache import cache_root
 from tandem.orchestrator.tokenizer import PromptTokenizer
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc
+
+from worker_rpc import free_port
 
 FRONTEND_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "dynamo_frontend.py"
 READY_TIMEOUT_S = 60
@@ -100,7 +101,7 @@ def deploy(start_worker, folder: Path, roles: list[str], router_mode: str, *work
 
 
 def start_frontend(env: dict[str, str], log_path: Path, router_mode: str = "kv") -> Frontend:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, str(FRONTEND_SCRIPT), "--http-port", str(port), "--router-mode", router_mode]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
@@ -121,9 +122,3 @@ def tokenizer_of(worker) -> PromptTokenizer:
     with grpc.insecure_channel(worker.address, options=options) as channel:
         info = tandem_pb2_grpc.WorkerStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
     return PromptTokenizer.from_model_info(info)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -11,7 +11,6 @@ is on ``sys.path``, so this folder is one of its portions.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+
+from worker_rpc import free_port
 
 MODEL = "tiny"
 START_TIMEOUT_S = 10.0
@@ -31,12 +32,6 @@ _LOOPBACK = ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREA
 
 T = TypeVar("T")
 Scores = dict[int, int]  # instance id -> prompt tokens its cached prefix covers (dp rank 0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class StandaloneIndexer:

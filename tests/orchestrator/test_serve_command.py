@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,12 +11,7 @@ import threading
 import openai
 
 from tandem.workers.sampling_params import SamplingParams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from worker_rpc import free_port
 
 
 def test_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path, make_llm) -> None:

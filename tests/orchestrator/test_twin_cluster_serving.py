@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import ray
 import yaml
 
 from fake_cluster import CLUSTER_YAML, GCS_PORT, port_free, processes_of, stop_ray_under
+from worker_rpc import free_port
 
 from tandem.models.gguf_metadata_cache import cache_root
 from tandem.orchestrator.cluster_twin import make_twin
@@ -113,7 +113,7 @@ def fake_cluster(folder: Path, env: dict[str, str]) -> Iterator[str]:
 def tandem_serve(address: str, config: Path, log: Path, env: dict[str, str]) -> Iterator[str]:
     """`tandem serve --address` on the twin; yields its URL. Ctrl-C at the end: it stops its
     workers and leaves Ray; it must exit 0."""
-    port = _free_port()
+    port = free_port()
     tandem = str(Path(sys.executable).with_name("tandem"))
     with open(log, "wb") as out:
         process = subprocess.Popen([tandem, "serve", "--address", address, "--config", str(config),
@@ -232,9 +232,3 @@ def _wait(condition: Callable[[], bool], timeout: float, describe: Callable[[], 
 
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
