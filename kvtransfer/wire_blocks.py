@@ -55,21 +55,21 @@ def split_heads(blocks: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [shard.contiguous() for shard in blocks.chunk(size, dim=-2)]
 
 
+def as_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """A contiguous [blocks, ...] tensor as one row of bytes per block, what staging copies move."""
+    return blocks.view(torch.uint8).view(blocks.shape[0], -1)
+
+
 def take_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
     """kv_cache[block_ids] as a new contiguous tensor."""
-    if kv_cache.is_cuda:
-        return kv_cache.index_select(0, torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device))
-    # torch's CPU index_select crawls over rows this long: a copy per block is faster
-    return torch.stack([kv_cache[block_id] for block_id in block_ids])
+    blocks = kv_cache.new_empty((len(block_ids), *kv_cache.shape[1:]))
+    gather_into_slots(as_rows(blocks), as_rows(kv_cache), block_ids)
+    return blocks
 
 
 def put_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
     """kv_cache[block_ids[i]] = blocks[i]."""
-    if kv_cache.is_cuda:
-        kv_cache.index_copy_(0, torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device), blocks)
-        return
-    for slot, block_id in enumerate(block_ids):
-        kv_cache[block_id].copy_(blocks[slot])
+    scatter_from_slots(as_rows(kv_cache), block_ids, as_rows(blocks))
 
 
 class WireRows:
@@ -79,9 +79,8 @@ class WireRows:
     def __init__(self, kv_cache: torch.Tensor, sharded: ShardedBlocks | None = None) -> None:
         self.sharded = sharded
         self.in_place = sharded is None  # peers may READ the cache's own blocks
-        num_blocks = kv_cache.shape[0]
         self.bytes_per_block = sharded.wire_bytes_per_block if sharded else kv_cache[0].numel() * kv_cache.element_size()
-        self._rows = kv_cache.view(torch.uint8).view(num_blocks, self.bytes_per_block) if sharded is None else None
+        self._rows = as_rows(kv_cache) if sharded is None else None
 
     def pack(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
         """rows[i] = wire block of block_ids[i]."""
