@@ -14,7 +14,7 @@ block stride is not its own size: backends must honour strides, never assume con
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -39,6 +39,9 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...]  # host copies, so backends need no device sync to loop
     seq_lens_cpu: tuple[int, ...]
     block_size: int
+    # What a backend derives from the fields above, once per step on first use, for every layer
+    # to reuse (gather indices, masks): backend-private, keyed by the backend.
+    derived: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_seqs(self) -> int:

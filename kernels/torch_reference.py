@@ -35,11 +35,15 @@ class TorchReferenceBackend:
     def store_kv(
         self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
     ) -> None:
-        """key/value [num_tokens, kv_heads, head_dim] -> their slots of the per-layer cache view."""
-        blocks = meta.slot_mapping // meta.block_size
-        offsets = meta.slot_mapping % meta.block_size
-        kv_cache[:, 0][blocks, offsets] = key.to(kv_cache.dtype)
-        kv_cache[:, 1][blocks, offsets] = value.to(kv_cache.dtype)
+        """key/value [num_tokens, kv_heads, head_dim] -> their slots of the per-layer cache view,
+        keys and values in one indexed write."""
+        index = meta.derived.get("torch_store")
+        if index is None:  # (block, key or value, offset) of every row of cat(key, value)
+            blocks = meta.slot_mapping // meta.block_size
+            offsets = meta.slot_mapping % meta.block_size
+            kinds = torch.arange(2, device=blocks.device).repeat_interleave(blocks.numel())
+            index = meta.derived["torch_store"] = (blocks.repeat(2), kinds, offsets.repeat(2))
+        kv_cache.index_put_(index, torch.cat((key, value)).to(kv_cache.dtype))
 
     def attend(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
@@ -55,16 +59,14 @@ class TorchReferenceBackend:
         """One query per sequence. The query heads of a kv group become that group's query rows,
         so grouped-query attention needs no key/value repeat: q [S, kv_heads, group, head_dim]."""
         num_seqs, num_heads, head_dim = query.shape
-        num_blocks_per_seq = -(-max(meta.seq_lens_cpu) // meta.block_size)
+        table, mask = meta.derived.get("torch_decode") or _decode_gather(meta, query.device)
+        num_blocks_per_seq = table.numel() // num_seqs
         # One index_select over whole blocks (each [2, block_size, kv_heads, head_dim], contiguous)
         # gathers keys and values of every sequence at once: a row copy, not an element gather.
-        table = meta.block_tables[:, :num_blocks_per_seq].reshape(-1).to(torch.long)
         kv = kv_cache.index_select(0, table)  # [S * n, 2, block_size, kv_heads, head_dim]
         kv = kv.view(num_seqs, num_blocks_per_seq, *kv.shape[1:]).transpose(1, 2)  # [S, 2, n, bs, kvh, d]
         kv = kv.flatten(2, 3)  # [S, 2, L, kv_heads, head_dim], a copy
         num_kv_heads = kv.shape[3]
-        key_pos = torch.arange(kv.shape[2], device=query.device)
-        mask = key_pos.unsqueeze(0) < meta.seq_lens.to(query.device).unsqueeze(1)  # [S, L]
         # Padding slots hold stale keys/values of earlier sequences: finite, because the cache is
         # zero-filled at start and only finite values are ever stored, so the mask gives them
         # exactly zero weight. (Zeroing them here cost 40% of decode attention on the CPU.)
@@ -72,7 +74,7 @@ class TorchReferenceBackend:
         keys = kv[:, 0].transpose(1, 2).to(query.dtype)
         values = kv[:, 1].transpose(1, 2).to(query.dtype)
         q = query.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return out.reshape(num_seqs, num_heads, head_dim)
 
     def _attend_per_sequence(
@@ -91,6 +93,19 @@ class TorchReferenceBackend:
             out[start:end] = _causal_attention(query[start:end], keys, values, scale)
             start = end
         return out
+
+
+def _decode_gather(meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the step's block ids to gather, [S * n] int64; the mask of real context slots,
+    [S, 1, 1, n * block_size]), shared by the step's layers."""
+    num_blocks_per_seq = -(-max(meta.seq_lens_cpu) // meta.block_size)
+    table = meta.block_tables[:, :num_blocks_per_seq].reshape(-1).to(torch.long)
+    key_pos = torch.arange(num_blocks_per_seq * meta.block_size, device=device)
+    visible = key_pos.unsqueeze(0) < meta.seq_lens.to(device).unsqueeze(1)  # [S, L]
+    # Additive, as scaled_dot_product_attention turns a boolean mask into on every call.
+    mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+    meta.derived["torch_decode"] = (table, mask[:, None, None, :])
+    return meta.derived["torch_decode"]
 
 
 def _causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

@@ -30,6 +30,7 @@ from tandem.models.layers import (
     QKVParallelLinear,
     RMSNorm,
     RotaryEmbedding,
+    RotaryTables,
     RowParallelLinear,
     SwiGLUMLP,
     TensorParallel,
@@ -86,13 +87,13 @@ class DecoderAttention(nn.Module):
             scale=head_dim**-0.5,
         )
 
-    def forward(
-        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))  # [T, heads | kv_heads, head_dim]
+    def forward(self, hidden: torch.Tensor, rotary: RotaryTables, ctx: ForwardContext) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        qk, v = self.qkv_proj.split_qk_v(self.qkv_proj(hidden))  # [T, heads + kv_heads | kv_heads, head_dim]
+        num_heads = self.attn.num_heads
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary_qk(q, k, *cos_sin)
+            qk = torch.cat((self.q_norm(qk[:, :num_heads]), self.k_norm(qk[:, num_heads:])), dim=1)
+        q, k = rotary_qk(qk, num_heads, rotary)
         out = self.attn(q, k, v, ctx)  # [T, heads, head_dim]
         return self.o_proj(out.flatten(1))
 
@@ -108,13 +109,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
-        ctx: ForwardContext,
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryTables, ctx: ForwardContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it); the next layer (or the final
         norm) adds the two, fused with its norm, so each add costs no kernel of its own."""
         normed, residual = add_rms_norm(hidden, residual, self.input_layernorm)
-        hidden = self.self_attn(normed, cos_sin, ctx)
+        hidden = self.self_attn(normed, rotary, ctx)
         normed, residual = add_rms_norm(hidden, residual, self.post_attention_layernorm)
         return self.mlp(normed), residual
 
@@ -133,10 +133,10 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        cos_sin = self.rotary_emb(positions, hidden.dtype)  # ([T, head_dim], [T, head_dim])
+        rotary = self.rotary_emb(positions, hidden.dtype)  # cos and sin, [T, head_dim] each
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos_sin, ctx)
+            hidden, residual = layer(hidden, residual, rotary, ctx)
         return add_rms_norm(hidden, residual, self.norm)[0]
 
 

@@ -13,7 +13,7 @@ from tandem.models.layers.linear import (
 )
 from tandem.models.layers.mlp import SwiGLUMLP
 from tandem.models.layers.norm import RMSNorm
-from tandem.models.layers.rotary import RopeSpec, RotaryEmbedding, apply_rotary, rope_spec_from_config
+from tandem.models.layers.rotary import RopeSpec, RotaryEmbedding, RotaryTables, rope_spec_from_config
 
 __all__ = [
     "PrepackedWeight",
@@ -25,11 +25,11 @@ __all__ = [
     "RMSNorm",
     "RopeSpec",
     "RotaryEmbedding",
+    "RotaryTables",
     "RowParallelLinear",
     "SwiGLUMLP",
     "TensorParallel",
     "VocabParallelEmbedding",
-    "apply_rotary",
     "default_weight_loader",
     "rope_spec_from_config",
 ]

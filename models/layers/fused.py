@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.models.layers.norm import RMSNorm
-from tandem.models.layers.rotary import apply_rotary
+from tandem.models.layers.rotary import RotaryTables, rotate
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -44,12 +44,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm) 
     return norm(summed), summed
 
 
-def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, heads, d] and k [T, kv_heads, d] rotated; the fused kernel rotates them in place."""
-    if (kernels := _fused(q)) is not None:
-        kernels.rotary_qk_(q, k, cos, sin)
+def rotary_qk(qk: torch.Tensor, num_q_heads: int, tables: RotaryTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk [T, heads + kv_heads, d] (q heads first; a view of the fused projection's output) ->
+    (q, k) rotated. The fused kernel rotates in place; the torch path rotates q and k together,
+    in one pass rather than two, since a decode step on a CPU pays per op, not per byte."""
+    q, k = qk[:, :num_q_heads], qk[:, num_q_heads:]
+    if (kernels := _fused(qk)) is not None:
+        kernels.rotary_qk_(q, k, tables.cos, tables.sin)
         return q, k
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    rotated = rotate(qk, *tables.broadcast())
+    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

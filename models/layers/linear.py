@@ -173,6 +173,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, size = self.segments[shard_id]
         copy_weight(param.data.narrow(0, offset, size), self._rank_slice(loaded_weight, size))
 
+    def split_qk_v(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, qkv] -> qk [T, heads + kv_heads, head_dim] (q heads first) and v [T, kv_heads,
+        head_dim] of this rank: views, so that rotary can treat q and k as one tensor."""
+        num_tokens, v_offset = qkv.shape[0], self.segments["v"][0]
+        qk = qkv[:, :v_offset].view(num_tokens, -1, self.head_dim)
+        v = qkv[:, v_offset:].view(num_tokens, self.num_kv_heads_per_rank, self.head_dim)
+        return qk, v
+
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, qkv] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim] of this rank."""
         sizes = [size for _, size in self.segments.values()]

@@ -107,21 +107,39 @@ class RotaryEmbedding(nn.Module):
     def inv_freq(self) -> torch.Tensor:  # [head_dim / 2] float32
         return self._inv_freq
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
         freqs = positions.float().unsqueeze(-1) * self._inv_freq  # [T, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return RotaryTables(emb.cos().to(dtype), emb.sin().to(dtype))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class RotaryTables:
+    """One step's cos and sin ([T, head_dim] each, HF's layout), shared by every layer.
+
+    The torch path rotates with ``rotate``: ``rotate_half(x) * sin`` equals
+    ``roll(x, head_dim / 2) * signed_sin`` bit for bit (negation is exact), which is two ops
+    fewer per call, and the broadcast forms are built once per step instead of once per layer.
+    """
+
+    __slots__ = ("cos", "sin", "_broadcast")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos = cos
+        self.sin = sin
+        self._broadcast: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def broadcast(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos [T, 1, head_dim], signed sin [T, 1, head_dim]) for ``rotate``."""
+        if self._broadcast is None:
+            half = self.sin.shape[-1] // 2
+            signed_sin = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
+            self._broadcast = (self.cos.unsqueeze(1), signed_sin.unsqueeze(1))
+        return self._broadcast
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim], cos/sin [T, head_dim] -> rotated x, same shape and dtype."""
-    cos = cos.unsqueeze(1)  # [T, 1, head_dim]
-    sin = sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] -> HF's ``x * cos + rotate_half(x) * sin``, with the tables of
+    ``RotaryTables.broadcast``."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin

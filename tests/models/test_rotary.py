@@ -9,7 +9,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tandem.models.errors import ModelLoadError
-from tandem.models.layers import RopeSpec, RotaryEmbedding, apply_rotary, rope_spec_from_config
+from tandem.models.layers import RopeSpec, RotaryEmbedding, rope_spec_from_config
+from tandem.models.layers.fused import rotary_qk
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -46,15 +47,18 @@ def test_matches_transformers(rope: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(ours.inv_freq, hf_rotary.inv_freq, atol=0, rtol=0)
     x = torch.randn(len(positions), 3, 128).to(dtype)
     hf_cos, hf_sin = hf_rotary(x, positions[None])  # [1, T, head_dim]
-    cos, sin = ours(positions, dtype)
-    torch.testing.assert_close(cos, hf_cos[0], atol=0, rtol=0)
-    torch.testing.assert_close(sin, hf_sin[0], atol=0, rtol=0)
-    q = torch.randn(len(positions), 4, 128).to(dtype)  # [T, heads, head_dim]
-    k = torch.randn(len(positions), 2, 128).to(dtype)
+    tables = ours(positions, dtype)
+    torch.testing.assert_close(tables.cos, hf_cos[0], atol=0, rtol=0)
+    torch.testing.assert_close(tables.sin, hf_sin[0], atol=0, rtol=0)
+    # q and k as the fused projection leaves them: one [T, heads + kv_heads, head_dim] view
+    qkv = torch.randn(len(positions), (4 + 2 + 2) * 128).to(dtype)
+    qk = qkv[:, : 6 * 128].view(len(positions), 6, 128)
+    q, k = qk[:, :4], qk[:, 4:]
     # HF layout [batch, heads, T, head_dim]
     hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos, hf_sin)
-    torch.testing.assert_close(apply_rotary(q, cos, sin), hf_q[0].transpose(0, 1), atol=0, rtol=0)
-    torch.testing.assert_close(apply_rotary(k, cos, sin), hf_k[0].transpose(0, 1), atol=0, rtol=0)
+    ours_q, ours_k = rotary_qk(qk, 4, tables)
+    torch.testing.assert_close(ours_q, hf_q[0].transpose(0, 1), atol=0, rtol=0)
+    torch.testing.assert_close(ours_k, hf_k[0].transpose(0, 1), atol=0, rtol=0)
 
 
 def test_reads_legacy_rope_scaling() -> None:
