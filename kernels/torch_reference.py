@@ -59,7 +59,7 @@ class TorchReferenceBackend:
         """One query per sequence. The query heads of a kv group become that group's query rows,
         so grouped-query attention needs no key/value repeat: q [S, kv_heads, group, head_dim]."""
         num_seqs, num_heads, head_dim = query.shape
-        table, mask = meta.derived.get("torch_decode") or _decode_gather(meta, query.device)
+        table, mask = meta.derived.get("torch_decode") or _decode_gather(meta, query.device, query.dtype)
         num_kv_heads = kv_cache.shape[3]
         context_len = mask.shape[-1]
 
@@ -95,15 +95,18 @@ class TorchReferenceBackend:
         return out
 
 
-def _decode_gather(meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_gather(
+    meta: AttentionMetadata, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the step's block ids to gather, [S * n] int64; the mask of real context slots,
-    [S, 1, 1, n * block_size]), shared by the step's layers."""
+    [S, 1, 1, n * block_size] in the queries' dtype), shared by the step's layers."""
     num_blocks_per_seq = -(-max(meta.seq_lens_cpu) // meta.block_size)
     table = meta.block_tables[:, :num_blocks_per_seq].reshape(-1).to(torch.long)
     key_pos = torch.arange(num_blocks_per_seq * meta.block_size, device=device)
     visible = key_pos.unsqueeze(0) < meta.seq_lens.to(device).unsqueeze(1)  # [S, L]
-    # Additive, as scaled_dot_product_attention turns a boolean mask into on every call.
-    mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+    # Additive, as scaled_dot_product_attention turns a boolean mask into on every call, and in
+    # the queries' dtype: on CUDA a float32 mask beside bfloat16 queries gives wrong attention.
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
     meta.derived["torch_decode"] = (table, mask[:, None, None, :])
     return meta.derived["torch_decode"]
 

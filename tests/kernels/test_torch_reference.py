@@ -28,7 +28,9 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, device: str) -> None:
+def run_case(
+    cached_lens: list[int], query_lens: list[int], block_size: int, device: str, dtype: torch.dtype = torch.float32
+) -> None:
     gen = torch.Generator().manual_seed(sum(cached_lens) * 31 + sum(query_lens) + block_size)
     num_heads, num_kv_heads, head_dim, num_blocks = 8, 2, 16, 64
     scale = head_dim**-0.5
@@ -37,7 +39,7 @@ def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, dev
     full = torch.full((num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim), 1.0e4)
     tables = shuffled_block_tables(cached_lens, query_lens, block_size, num_blocks, gen)
     meta = metadata_for(tables, cached_lens, query_lens, block_size, device)
-    full = full.to(device)
+    full = full.to(device, dtype)
     kv_cache = full[:, LAYER]
     backend = TorchReferenceBackend()
     seq_k = [torch.randn(c + q, num_kv_heads, head_dim, generator=gen) for c, q in zip(cached_lens, query_lens)]
@@ -46,16 +48,17 @@ def run_case(cached_lens: list[int], query_lens: list[int], block_size: int, dev
     if sum(cached_lens):
         prefix = metadata_for(tables, [0] * len(cached_lens), cached_lens, block_size, device)
         prefix_k, prefix_v = prefix_kv(seq_k, seq_v, cached_lens)
-        backend.store_kv(kv_cache, prefix_k.to(device), prefix_v.to(device), prefix)
+        backend.store_kv(kv_cache, prefix_k.to(device, dtype), prefix_v.to(device, dtype), prefix)
     new_k = torch.cat([k[c:] for k, c in zip(seq_k, cached_lens)])
     new_v = torch.cat([v[c:] for v, c in zip(seq_v, cached_lens)])
-    backend.store_kv(kv_cache, new_k.to(device), new_v.to(device), meta)
+    backend.store_kv(kv_cache, new_k.to(device, dtype), new_v.to(device, dtype), meta)
     query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
-    out = backend.attend(query.to(device), kv_cache, meta, scale).cpu()
+    out = backend.attend(query.to(device, dtype), kv_cache, meta, scale).float().cpu()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     start = 0
     for k, v, q_len in zip(seq_k, seq_v, query_lens):
-        expected = naive_attention(query[start : start + q_len], k, v, scale)
-        torch.testing.assert_close(out[start : start + q_len], expected, atol=1e-5, rtol=1e-5)
+        expected = naive_attention(*(t.to(dtype).float() for t in (query[start : start + q_len], k, v)), scale)
+        torch.testing.assert_close(out[start : start + q_len], expected, atol=tolerance, rtol=tolerance)
         start += q_len
     assert (full[:, LAYER - 1] == 1.0e4).all() and (full[:, LAYER + 1] == 1.0e4).all()  # other layers untouched
 
@@ -81,16 +84,18 @@ def test_chunked_prefill_continues_cached_prefix(block_size: int, device: str) -
     run_case(cached_lens=[5, 16, 0], query_lens=[9, 3, 4], block_size=block_size, device=device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_decode_batch(block_size: int, device: str) -> None:
-    run_case(cached_lens=[0, 3, 16, 30, 8], query_lens=[1, 1, 1, 1, 1], block_size=block_size, device=device)
+def test_decode_batch(block_size: int, device: str, dtype: torch.dtype) -> None:
+    run_case(cached_lens=[0, 3, 16, 30, 8], query_lens=[1, 1, 1, 1, 1], block_size=block_size, device=device, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_mixed_prefill_and_decode(block_size: int, device: str) -> None:
-    run_case(cached_lens=[12, 0, 6, 1], query_lens=[1, 10, 5, 1], block_size=block_size, device=device)
+def test_mixed_prefill_and_decode(block_size: int, device: str, dtype: torch.dtype) -> None:
+    run_case(cached_lens=[12, 0, 6, 1], query_lens=[1, 10, 5, 1], block_size=block_size, device=device, dtype=dtype)
 
 
 def test_store_kv_writes_only_its_slots() -> None:
