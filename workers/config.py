@@ -40,6 +40,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tensor_parallel_size: int = 1  # ranks the weights and kv heads are split over (workers/tensor_parallel.py)
     enforce_eager: bool = False  # True: no CUDA graphs for decode (workers/cuda_graphs.py)
+    # Overlapped step (workers/overlapped_step.py): schedule step n+1 while the device runs step n.
+    # None: on for CUDA, off on the CPU (whose forward blocks anyway); True forces it, False disables.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -16,6 +16,11 @@ them all at once. The price is static shapes, so each bucket owns fixed input bu
 Only decode-only steps replay; prefills and mixed steps run eagerly. Capture needs an attention
 backend whose decode reads lengths and block tables from the device only (Triton's); the graphs
 use it even when eager steps use FlashInfer.
+
+Under tensor parallelism every rank captures the same buckets in the same order at start (rank 0
+in the engine, the others in tensor_parallel_follower), so the layers' NCCL all-reduces and the LM
+head's all-gather are inside the graphs; each rank then replays the bucket the broadcast step
+picks, and the collectives meet as in an eager step.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from torch import nn
 from tandem.kernels.interface import AttentionBackend, AttentionMetadata, ForwardContext
 
 if TYPE_CHECKING:
-    from tandem.workers.model_runner import ModelRunner
+    from tandem.workers.model_runner import DeviceInputs, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +113,19 @@ class DecodeGraphs:
 
     def run(
         self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: Sequence[int],
-        block_table: list[list[int]],
+        block_table: list[list[int]], device_inputs: DeviceInputs | None = None,
     ) -> torch.Tensor:
-        """Logits [n, vocab] of a decode step of n sequences (valid until the next replay)."""
+        """Logits [n, vocab] of a decode step of n sequences (valid until the next replay).
+        ``device_inputs``: rows whose input id is a token still on the device (the overlapped
+        step), copied into the static input buffer on the device, after the host's ids."""
         n = len(token_ids)
         size = next(b for b in self.batch_sizes if b >= n)
         longest = max(seq_lens)
         graph, logits = self._graphs[(size, next(c for c in self.context_buckets if c >= longest))]
         width = len(block_table[0])
         self._input_ids[:n].copy_(_host(token_ids, torch.int64), non_blocking=True)
+        if device_inputs is not None:
+            device_inputs.scatter_into(self._input_ids)  # one token per row: token index = row
         self._positions[:n].copy_(_host(positions, torch.int64), non_blocking=True)
         self._slots[:n].copy_(_host(slots, torch.int64), non_blocking=True)
         self._seq_lens[:n].copy_(_host(list(seq_lens), torch.int32), non_blocking=True)

@@ -3,7 +3,9 @@
 Each step: the scheduler plans which sequences run and how many tokens each; the model runner
 computes them into the paged KV cache; the sampler picks a token for every sequence whose known
 tokens are now all computed; stop conditions and the detokenizer turn tokens into outputs. Every
-finished, aborted or failed request returns its blocks to the pool.
+finished, aborted or failed request returns its blocks to the pool. Overlapped (async scheduling,
+workers/overlapped_step.py), a step is launched before the last one's tokens reach the host, and
+step() returns the outputs of the step launched by the call before.
 
 Disaggregation adds two ways in and out of the engine. A context worker adds a request with
 ``hand_off_kv=True``: after its first token the engine lets go of the request but not of its
@@ -33,26 +35,19 @@ from tandem.workers.cuda_graphs import capture_decode_graphs
 from tandem.workers.detokenizer import IncrementalDetokenizer
 from tandem.workers.errors import InvalidRequestError
 from tandem.workers.kv_blocks import SequenceBlocks, blocks_for_tokens
-from tandem.workers.kv_cache_sizing import kv_cache_spec, num_kv_cache_blocks
+from tandem.workers.kv_cache_sizing import context_length, kv_cache_spec, num_kv_cache_blocks
 from tandem.workers.model_runner import ModelRunner
+from tandem.workers.overlapped_step import OverlappedStep, overlap_enabled
 from tandem.workers.sampler import Sampler, SamplingInput, TokenLogprobs, make_generator
 from tandem.workers.sampling_params import SamplingParams
 from tandem.workers.scheduler import ScheduledChunk, Scheduler
-from tandem.workers.sequence import FinishReason, Sequence
+from tandem.workers.sequence import PLACEHOLDER_TOKEN_ID, FinishReason, HeldKV, RequestOutput, Sequence
 from tandem.workers.tensor_parallel_wire import TensorParallelError
 
 if TYPE_CHECKING:
     from tandem.workers.tensor_parallel import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class HeldKV:
-    """Blocks holding the KV of a handed-off prompt; the caller owns them until release_blocks."""
-
-    block_ids: tuple[int, ...]
-    num_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,26 +61,6 @@ class KVReservation:
     @property
     def blocks_to_fill(self) -> tuple[int, ...]:
         return self.block_ids[self.num_cached_blocks :]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """What one step produced for one request: a delta, plus totals for usage accounting."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    new_text: str
-    new_logprobs: tuple[TokenLogprobs, ...]
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_cached_tokens: int  # prompt tokens served from the prefix cache
-    num_output_tokens: int
-    held_kv: HeldKV | None = None  # a hand_off_kv request after its first token: the engine is done with it
-    queue_seconds: float | None = None  # arrival to first scheduled step; None while still waiting
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self.held_kv is not None
 
 
 @dataclass(slots=True, eq=False)
@@ -117,18 +92,20 @@ class LLMEngine:
             num_blocks = tp_group.agree_num_blocks(num_blocks)  # same block ids on every rank
         self._tp_group = tp_group
         self.pool = BlockPool(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
-        self.max_model_len = min(config.max_model_len or loaded.max_model_len, num_blocks * spec.block_size)
+        self.max_model_len = context_length(config, loaded.max_model_len, num_blocks, spec.block_size)
         self.scheduler = Scheduler(config.scheduler, SequenceBlocks(self.pool))
         kv_cache = allocate_kv_cache(spec, num_blocks, device)
         backend = select_backend(device)
         self.kv_cache_spec = spec
         self.kv_cache = kv_cache  # the one tensor a transfer engine registers
         self.runner = ModelRunner(loaded.model, layer_views(kv_cache), backend, spec.block_size, device)
+        if device.type == "cuda" and not config.enforce_eager:  # tensor parallel: each follower captures alike now
+            self.runner.graphs = capture_decode_graphs(self.runner, self.max_model_len, config.scheduler.max_num_seqs)
         if tp_group is not None:
             self.runner = tp_group.wrap(self.runner)  # broadcasts each step to the other ranks
-        elif device.type == "cuda" and not config.enforce_eager:
-            self.runner.graphs = capture_decode_graphs(self.runner, self.max_model_len, config.scheduler.max_num_seqs)
         self.sampler = Sampler()
+        overlap = overlap_enabled(config.async_scheduling, device, tp_group is not None)
+        self.overlapped = OverlappedStep(self.runner, self.sampler, self.scheduler, self.max_model_len, device, overlap)
         self.requests: dict[str, _Request] = {}
         self._receiving: dict[str, _Request] = {}  # reserved by reserve_prefilled, not yet committed
         self._finished_outputs: list[RequestOutput] = []
@@ -192,6 +169,7 @@ class LLMEngine:
         first_token_id is the token the prefilling worker sampled; decoding continues after it.
         Raises InvalidRequestError when the request can't be served and NoFreeBlocksError when
         the cache is too full now; either way nothing changes."""
+        self.overlapped.wait_device()  # the blocks it hands out may have been freed mid-step
         self._check_new_request(request_id, params)
         token_ids = self._tokenize(request_id, list(prompt_token_ids))
         if not (isinstance(first_token_id, int) and 0 <= first_token_id < self.vocab_size):
@@ -263,7 +241,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._finished_outputs)
+        return bool(self.requests) or bool(self._finished_outputs) or self.overlapped.in_flight
 
     def _tokenize(self, request_id: str, prompt: str | Seq[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):
@@ -290,51 +268,67 @@ class LLMEngine:
     # -- stepping ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of every request that changed."""
+        """Run one scheduler step; returns the outputs of every request that changed. Overlapped
+        (workers/overlapped_step.py), these are the outputs of the step the last call launched."""
         outputs = self._drain_finished()  # aborts since the last step
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
-        if plan.is_empty:
-            return outputs
         scheduled_at = time.perf_counter()
         for chunk in plan.chunks:
             if chunk.seq.queue_seconds is None:
                 chunk.seq.queue_seconds = scheduled_at - chunk.seq.arrival_time
-        sampling = [c for c in plan.chunks if c.completes_sequence]
+        sampled = [self.requests[c.seq.request_id] for c in plan.chunks if c.completes_sequence]
+        if plan.chunks and self.overlapped.can_launch([r.seq.params for r in sampled], any(r.hand_off_kv for r in sampled)):
+            return outputs + self._step_overlapped(plan.chunks, sampled)
+        outputs += self._append_tokens([(seq, t, None) for seq, t in self.overlapped.drain()])  # all on the host
+        chunks = [c for c in plan.chunks if not c.seq.is_finished]  # the drained step may have ended some
+        if not chunks:
+            return outputs + self._drain_finished()
+        sampling = [c for c in chunks if c.completes_sequence]
         try:
-            logits = self.runner.execute(plan.chunks)
+            logits = self.runner.execute(chunks)
         except Exception as e:
-            logger.exception("model step failed; aborting the %d requests in it", len(plan.chunks))
-            for chunk in plan.chunks:
-                self._finish(self.requests[chunk.seq.request_id], FinishReason.ABORT, "")
+            self._abort_failed_step([c.seq for c in chunks])
             if isinstance(e, TensorParallelError):
                 raise  # the group is gone: no later step can run either
             return outputs + self._drain_finished()
-        for chunk in plan.chunks:
-            self._account_computed(chunk)
+        for chunk in chunks:
+            self.num_prompt_tokens_computed += self.scheduler.account_computed(chunk)
         if sampling:
             outputs.extend(self._sample_and_append(sampling, logits))
         return outputs + self._drain_finished()
 
-    def _account_computed(self, chunk: ScheduledChunk) -> None:
-        seq = chunk.seq
-        start = seq.num_computed_tokens
-        prompt_part = max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
-        seq.num_computed_prompt_tokens += prompt_part
-        self.num_prompt_tokens_computed += prompt_part
-        seq.num_computed_tokens += chunk.num_tokens
-        self.scheduler.blocks.register_full_blocks(seq)
+    def _step_overlapped(self, chunks: Seq[ScheduledChunk], sampled: list[_Request]) -> list[RequestOutput]:
+        """Launch this step on the device, then finish the one the last call launched."""
+        # No row here penalizes (can_launch), so the sampler reads no token history.
+        rows = [SamplingInput(r.seq.params, r.seq.prompt_token_ids, (), r.generator) for r in sampled]
+        try:
+            previous = self.overlapped.launch(chunks, [r.seq for r in sampled], rows)
+        except Exception:
+            self._abort_failed_step([c.seq for c in chunks] + self.overlapped.discard())
+            return self._drain_finished()
+        outputs = self._append_tokens([(seq, t, None) for seq, t in self.overlapped.resolve(previous)])
+        for chunk in chunks:
+            if not chunk.seq.is_finished:  # a sequence its resolved token ended: this row is dropped
+                self.num_prompt_tokens_computed += self.scheduler.account_computed(chunk)  # no hash covers a placeholder now
+        self.overlapped.hold()
+        return outputs + self._drain_finished()
+
+    def _abort_failed_step(self, seqs: list[Sequence]) -> None:
+        live = {seq.request_id: seq for seq in seqs if not seq.is_finished}  # a seq may be in two steps
+        logger.exception("model step failed; aborting the %d requests in it", len(live))
+        for request_id in live:
+            self._finish(self.requests[request_id], FinishReason.ABORT, "")
 
     def _sample_and_append(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         requests = [self.requests[c.seq.request_id] for c in chunks]
         rows = [SamplingInput(r.seq.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.generator) for r in requests]
         sampled = self.sampler(logits, rows)
-        outputs = []
-        for request, token_id, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
-            output = self._append_token(request, token_id, logprobs)
-            if output is not None:
-                outputs.append(output)
-        return outputs
+        return self._append_tokens(list(zip([c.seq for c in chunks], sampled.token_ids, sampled.logprobs)))
+
+    def _append_tokens(self, tokens: Seq[tuple[Sequence, int, TokenLogprobs | None]]) -> list[RequestOutput]:
+        outputs = [self._append_token(self.requests[seq.request_id], token_id, lp) for seq, token_id, lp in tokens]
+        return [output for output in outputs if output is not None]
 
     def _append_token(self, request: _Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput | None:
         seq = request.seq
@@ -359,6 +353,8 @@ class LLMEngine:
     def _finish(self, request: _Request, reason: FinishReason, text: str) -> None:
         """Free the request's blocks at once and queue its last output for the caller."""
         seq = request.seq
+        if seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID:  # aborted with a token in flight: end before it
+            seq.token_ids.pop()
         self.scheduler.finish(seq)
         seq.finish_reason = reason
         del self.requests[seq.request_id]

@@ -30,3 +30,10 @@ def num_kv_cache_blocks(spec: KVCacheSpec, config: EngineConfig, device: torch.d
             return num_blocks_for_budget(spec, num_bytes=int(free_bytes * DEFAULT_GPU_KV_CACHE_FRACTION), device=device)
         return num_blocks_for_budget(spec, num_bytes=DEFAULT_CPU_KV_CACHE_BYTES, device=device)
     return num_blocks_for_budget(spec, num_bytes=cache.num_bytes, memory_fraction=cache.memory_fraction, device=device)
+
+
+def context_length(config: EngineConfig, model_max_len: int, num_blocks: int, block_size: int) -> int:
+    """The longest sequence an engine serves: the configured (else the model's) context, capped by
+    what its KV cache holds. Every tensor-parallel rank derives it alike, so their decode graphs
+    have the same shapes."""
+    return min(config.max_model_len or model_max_len, num_blocks * block_size)

@@ -8,6 +8,10 @@ that stop mid-prompt cost no lm_head work.
 A step is built in two halves: ``build_batch`` flattens the chunks into host integers (a
 ``StepBatch``), ``ModelRunner.run`` turns those into tensors and runs the model. Tensor-parallel
 followers have no scheduler or sequences: rank 0 sends them its StepBatch and they call ``run``.
+
+With the overlapped step (workers/overlapped_step.py) some input ids are not on the host yet: the
+token a sequence sampled in the step still in flight. Its StepBatch row holds 0, and
+``DeviceInputs`` fills it from that step's sampled-token tensor on the device before the forward.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from torch import nn
 
 from tandem.kernels.interface import AttentionBackend, AttentionMetadata, ForwardContext
 from tandem.workers.scheduler import ScheduledChunk
+from tandem.workers.sequence import PLACEHOLDER_TOKEN_ID
 
 if TYPE_CHECKING:
     from tandem.workers.cuda_graphs import DecodeGraphs
@@ -38,6 +43,26 @@ class StepBatch:
     logit_rows: tuple[int, ...]  # token index of the last token of every chunk that completes its sequence
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceInputs:
+    """Input ids of a step that are still on the device: tokens the step in flight sampled, which
+    this step reads without waiting for them to reach the host (workers/overlapped_step.py)."""
+
+    sampled: torch.Tensor  # [m] int64 on the device: the step in flight's tokens, one per sampled row
+    rows: tuple[int, ...]  # token index in this step's flattened batch
+    sources: tuple[int, ...]  # the row of ``sampled`` that each of ``rows`` takes
+
+    def scatter_into(self, input_ids: torch.Tensor) -> None:
+        """Write the in-flight tokens into ``input_ids`` [>= T], on the device's stream."""
+        n = len(self.rows)
+        if self.rows == self.sources == tuple(range(n)):  # a steady decode: same rows, same order
+            input_ids[:n].copy_(self.sampled[:n])
+            return
+        device = input_ids.device
+        rows, sources = to_device(list(self.rows), device, torch.long), to_device(list(self.sources), device, torch.long)
+        input_ids.index_copy_(0, rows, self.sampled.index_select(0, sources))
+
+
 def build_batch(chunks: Sequence[ScheduledChunk], block_size: int) -> StepBatch:
     """Flatten a step's chunks, in plan order, into the inputs of one forward pass."""
     token_ids: list[int] = []
@@ -50,6 +75,8 @@ def build_batch(chunks: Sequence[ScheduledChunk], block_size: int) -> StepBatch:
         seq = chunk.seq
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
         token_ids.extend(seq.token_ids[start:end])
+        if token_ids[-1] == PLACEHOLDER_TOKEN_ID:  # only ever a sequence's last token
+            token_ids[-1] = 0  # a valid id: DeviceInputs overwrites it on the device
         positions.extend(range(start, end))
         blocks = seq.block_ids
         slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
@@ -80,16 +107,18 @@ class ModelRunner:
         self.device = device
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (workers/cuda_graphs.py)
 
-    def execute(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+    def execute(self, chunks: Sequence[ScheduledChunk], device_inputs: DeviceInputs | None = None) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_chunks, vocab], one row per chunk
         whose completes_sequence is true, in plan order."""
-        return self.run(build_batch(chunks, self.block_size))
+        return self.run(build_batch(chunks, self.block_size), device_inputs)
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def run(self, batch: StepBatch, device_inputs: DeviceInputs | None = None) -> torch.Tensor:
         """Run one step from its flattened inputs; returns logits [len(batch.logit_rows), vocab]."""
         if self.graphs is not None and self.graphs.can_run(batch.query_lens, len(batch.block_table[0])):
-            logits = self.graphs.run(batch.token_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table)
+            logits = self.graphs.run(
+                batch.token_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_table, device_inputs
+            )
             if len(batch.logit_rows) == len(batch.query_lens):  # a decode: every row samples
                 return logits
             return logits.index_select(0, self._tensor(list(batch.logit_rows), torch.long))
@@ -104,6 +133,8 @@ class ModelRunner:
         )
         ctx = ForwardContext(self.backend, meta, self.kv_caches)
         input_ids = self._tensor(batch.token_ids, torch.int64)
+        if device_inputs is not None:
+            device_inputs.scatter_into(input_ids)
         hidden = self.model(input_ids, self._tensor(batch.positions, torch.int64), ctx)  # [num_tokens, hidden_size]
         if not batch.logit_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
@@ -111,8 +142,18 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, index))
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        # Built on the host, copied once: one small H2D transfer per tensor per step.
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        return to_device(values, self.device, dtype)
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list as a tensor on ``device`` (dtype None: as torch.tensor infers it), in one small
+    copy. On CUDA the copy goes through pinned memory and is queued without blocking: from pageable
+    memory (torch.tensor(..., device=cuda) included) it would wait for everything already queued on
+    the stream, the overlapped step's forward too."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:

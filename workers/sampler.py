@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tandem.workers.model_runner import to_device
 from tandem.workers.sampling_params import SamplingParams
 
 
@@ -65,25 +66,36 @@ class Sampler:
     """Chooses one token per row from `logits` [num_rows, vocab]."""
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> SamplerOutput:
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         raw = logits.float()  # [n, V]
-        penalized = _apply_penalties(raw, rows)  # [n, V], a new tensor when any row penalizes
-        device = raw.device
-        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)  # [n]
-        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
-        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-        if greedy:
-            index = torch.tensor(greedy, device=device)
-            token_ids[index] = torch.argmax(penalized[index], dim=-1)
-        if sampled:
-            index = torch.tensor(sampled, device=device)
-            token_ids[index] = _sample(penalized[index], [rows[i] for i in sampled])
-        chosen = token_ids.tolist()
+        chosen = self._choose(raw, rows).tolist()  # the host waits for the device here
         return SamplerOutput(token_ids=chosen, logprobs=_gather_logprobs(raw, chosen, rows))
 
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+        """Token ids [n] int64 left on the logits' device, for the overlapped step: the host does
+        not wait for them. No logprobs; a greedy batch queues no host-to-device copy at all."""
+        return self._choose(logits.float(), rows)
 
-def _uses_penalties(params: SamplingParams) -> bool:
+    def _choose(self, raw: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+        """Token ids [n] on the device; the small index and parameter tensors go there without
+        blocking (to_device), so nothing here waits for the device unless a top_p row must."""
+        if raw.dim() != 2 or raw.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(raw.shape)} do not match {len(rows)} rows")
+        penalized = _apply_penalties(raw, rows)  # [n, V], a new tensor when any row penalizes
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if not sampled:
+            return torch.argmax(penalized, dim=-1)  # [n]
+        device = raw.device
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)  # [n]
+        if greedy:
+            index = to_device(greedy, device)
+            token_ids[index] = torch.argmax(penalized[index], dim=-1)
+        index = to_device(sampled, device)
+        token_ids[index] = _sample(penalized[index], [rows[i] for i in sampled])
+        return token_ids
+
+
+def uses_penalties(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
         or params.frequency_penalty != 0.0
@@ -108,7 +120,7 @@ def _token_counts(
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
     """Repetition, frequency and presence penalties; returns `logits` itself when no row uses any."""
-    picked = [i for i, row in enumerate(rows) if _uses_penalties(row.params)]
+    picked = [i for i, row in enumerate(rows) if uses_penalties(row.params)]
     if not picked:
         return logits
     device, vocab = logits.device, logits.shape[1]
@@ -160,15 +172,16 @@ def _cutoff_within(
     ranked_probs, ranked_ids = torch.topk(torch.softmax(logits, dim=-1), width, dim=-1)  # [r, W] descending
     ranked = logits.gather(1, ranked_ids)  # [r, W]
     rank = torch.arange(width, device=device).unsqueeze(0)  # [1, W]
-    has_top_k = torch.tensor([p.top_k > 0 for p in params], device=device).unsqueeze(1)  # [r, 1]
-    drop = rank >= torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device).unsqueeze(1)
+    has_top_k = to_device([p.top_k > 0 for p in params], device).unsqueeze(1)  # [r, 1]
+    drop = rank >= to_device([p.top_k if p.top_k > 0 else vocab for p in params], device).unsqueeze(1)
     probs = ranked_probs.masked_fill(drop, 0.0)  # [r, W]
     probs = torch.where(has_top_k, probs / probs.sum(-1, keepdim=True), probs)
     # top_p >= 1 disables the filter: +inf keeps rounding in the cumsum from dropping tail tokens.
-    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)  # [r]
+    top_p = to_device([p.top_p if p.top_p < 1.0 else math.inf for p in params], device)  # [r]
     cumulative = torch.cumsum(probs, dim=-1)  # [r, W]
     drop |= (cumulative - probs) >= top_p.unsqueeze(1)  # mass before a token; rank 0 always stays
     needs_more = ~has_top_k.squeeze(1) & (top_p <= 1.0) & (cumulative[:, -1] < top_p)  # [r]
+    # bool() waits for the device: an overlapped step with such a row loses its overlap, not its result.
     covered = width == vocab or not bool(needs_more.any())
     return ranked.masked_fill(drop, math.inf).min(dim=-1, keepdim=True).values, covered
 
@@ -177,17 +190,17 @@ def _sample(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor
     """One draw per row from filtered, tempered `logits` [s, V]; returns token ids [s]."""
     device = logits.device
     params = [row.params for row in rows]
-    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [s, 1]
+    temperature = to_device([p.temperature for p in params], device).unsqueeze(1)  # [s, 1]
     logits = logits / temperature
     filtered = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
     if filtered:
-        index = torch.tensor(filtered, device=device)
+        index = to_device(filtered, device)
         sub = logits[index]  # [f, V]
         cutoff = _top_k_top_p_cutoff(sub, [params[i] for i in filtered])  # [f, 1]
         logits = logits.index_put((index,), sub.masked_fill(sub < cutoff, -math.inf))
     if any(p.min_p > 0.0 for p in params):
         # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all.
-        log_min_p = torch.tensor([p.min_p for p in params], device=device).log().unsqueeze(1)  # [s, 1]
+        log_min_p = to_device([p.min_p for p in params], device).log().unsqueeze(1)  # [s, 1]
         threshold = logits.max(dim=-1, keepdim=True).values + log_min_p  # [s, 1]
         logits = logits.masked_fill(logits < threshold, -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [s, V]

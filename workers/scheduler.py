@@ -130,6 +130,23 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
+    def account_computed(self, chunk: ScheduledChunk) -> int:
+        """The step that ran ``chunk`` computed its tokens: advance its sequence and publish the
+        blocks that became full. Returns how many of them were prompt tokens."""
+        seq = chunk.seq
+        start = seq.num_computed_tokens
+        prompt_part = max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
+        seq.num_computed_prompt_tokens += prompt_part
+        seq.num_computed_tokens += chunk.num_tokens
+        self.blocks.register_full_blocks(seq)
+        return prompt_part
+
+    def park(self, seq: Sequence) -> None:
+        """Stop scheduling a running seq whose token still in flight surely ends it (max_tokens or
+        context length; workers/overlapped_step.py): no step is spent on it. It keeps its blocks
+        until finish() frees them."""
+        self.running.remove(seq)
+
     def detach(self, seq: Sequence) -> None:
         """Remove a running seq but keep its blocks: their new owner frees them (a KV lease)."""
         self.running.remove(seq)

@@ -1,4 +1,5 @@
-"""One request's state inside a worker engine: its tokens, its KV blocks and where it stands.
+"""One request's state inside a worker engine: its tokens, its KV blocks and where it stands, and
+what a step reports of it (RequestOutput; tandem.workers.engine re-exports it).
 
 Life cycle: WAITING -> RUNNING -> FINISHED, with RUNNING -> WAITING on preemption (its blocks are
 freed and its tokens, prompt and output alike, are recomputed when it is scheduled again).
@@ -8,9 +9,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.kvtransfer.block_hash import BlockHash
 from tandem.workers.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.workers.sampler import TokenLogprobs  # torch: the scheduler side stays without it
+
+# An output token that is still on the device: the overlapped step (workers/overlapped_step.py)
+# schedules the next step before the last one's tokens reach the host. Never hashed, never computed
+# from the host: the runner takes its input id from the device.
+PLACEHOLDER_TOKEN_ID = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -71,3 +81,31 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(frozen=True, slots=True)
+class HeldKV:
+    """Blocks holding the KV of a handed-off prompt; the caller owns them until release_blocks."""
+
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request: a delta, plus totals for usage accounting."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    new_logprobs: tuple[TokenLogprobs, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    num_output_tokens: int
+    held_kv: HeldKV | None = None  # a hand_off_kv request after its first token: the engine is done with it
+    queue_seconds: float | None = None  # arrival to first scheduled step; None while still waiting
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.held_kv is not None

@@ -1,8 +1,9 @@
 """A tensor-parallel follower process: ranks 1..N-1, started by rank 0 with multiprocessing spawn.
 
 Life cycle: Started -> join the process group -> load this rank's weight shard -> Loaded(blocks
-that fit here) -> allocate the number of blocks rank 0 agreed on -> Ready -> run every step rank 0
-broadcasts, and take its part in every KV gather or scatter (tensor_parallel_kv), until SHUTDOWN.
+that fit here) -> allocate the number of blocks rank 0 agreed on -> Ready -> on CUDA, capture the
+decode graphs together with rank 0 -> run every step rank 0 broadcasts (replaying a graph where
+rank 0 does), and take its part in every KV gather or scatter (tensor_parallel_kv), until SHUTDOWN.
 A follower has no scheduler, block pool or sampler: the block ids in each step come from rank 0,
 and its KV cache has the same number of blocks, so the same ids address its share of the kv heads.
 It exits when rank 0 dies (a watchdog thread waits on the parent's sentinel), so a killed server
@@ -26,7 +27,8 @@ from tandem.kvtransfer.kv_cache import allocate_kv_cache, layer_views
 from tandem.models.layers import TensorParallel
 from tandem.models.loader import load_model
 from tandem.workers.config import EngineConfig
-from tandem.workers.kv_cache_sizing import kv_cache_spec, num_kv_cache_blocks
+from tandem.workers.cuda_graphs import capture_decode_graphs
+from tandem.workers.kv_cache_sizing import context_length, kv_cache_spec, num_kv_cache_blocks
 from tandem.workers.model_runner import ModelRunner
 from tandem.workers.tensor_parallel_kv import follow_kv_command
 from tandem.workers.tensor_parallel_wire import Failed, KVCommand, Loaded, Ready, Started, join_group, receive_step
@@ -63,8 +65,12 @@ def run_follower(spec: FollowerSpec, conn: Connection) -> None:
             "127.0.0.1", spec.store_port, spec.size, False, timeout=timedelta(seconds=spec.init_timeout_s)
         )
         control = join_group(spec.rank, spec.size, store, device, spec.step_timeout_s)
-        runner, kv_cache = _build_runner(spec, device, conn)
+        runner, kv_cache, max_model_len = _build_runner(spec, device, conn)
         conn.send(Ready())
+        if device.type == "cuda" and not spec.config.enforce_eager:
+            # Rank 0 captures the same graphs, in the same order, right after Ready: their
+            # all-reduces meet inside the captures, and each later decode replays on every rank.
+            runner.graphs = capture_decode_graphs(runner, max_model_len, spec.config.scheduler.max_num_seqs)
         while (message := receive_step(control)) is not None:
             if isinstance(message, KVCommand):
                 follow_kv_command(message, kv_cache)
@@ -78,8 +84,9 @@ def run_follower(spec: FollowerSpec, conn: Connection) -> None:
             dist.destroy_process_group()
 
 
-def _build_runner(spec: FollowerSpec, device: torch.device, conn: Connection) -> tuple[ModelRunner, torch.Tensor]:
-    """Load this rank's shard and allocate the KV cache rank 0 agreed on; (runner, KV cache)."""
+def _build_runner(spec: FollowerSpec, device: torch.device, conn: Connection) -> tuple[ModelRunner, torch.Tensor, int]:
+    """Load this rank's shard and allocate the KV cache rank 0 agreed on; (runner, KV cache,
+    the engine's context length)."""
     config = spec.config
     loaded = load_model(
         config.model, dtype=spec.dtype, device=device, show_progress=False, tp=TensorParallel(spec.rank, spec.size)
@@ -89,7 +96,8 @@ def _build_runner(spec: FollowerSpec, device: torch.device, conn: Connection) ->
     conn.send(Loaded(num_kv_cache_blocks(kv_spec, config, device)))
     num_blocks = conn.recv()  # the fewest any rank fits
     kv_cache = allocate_kv_cache(kv_spec, num_blocks, device)
-    return ModelRunner(loaded.model, layer_views(kv_cache), select_backend(device), kv_spec.block_size, device), kv_cache
+    runner = ModelRunner(loaded.model, layer_views(kv_cache), select_backend(device), kv_spec.block_size, device)
+    return runner, kv_cache, context_length(config, loaded.max_model_len, num_blocks, kv_spec.block_size)
 
 
 def _exit_with_parent() -> None:
