@@ -10,9 +10,9 @@ Phases, in this order, with what each took at default sizes on one H200 (2026-11
 without CUDA graphs yet, Triton attention, no FlashInfer; 75 s in all, 6 minutes is the budget):
 - bandwidth (with decode or hf, <1 s): sum and max over 4 GiB of bfloat16 (read), and a copy.
 - decode (24 s per engine variant): Llama-3.1-8B-shaped random bf16 model built by Tandem's model
-  class on the GPU; one engine per variant (enforce_eager True, and False when EngineConfig has
-  the field), batches 1/8/32/128 of 1024-token prompts; prefill, 3 warm-up then 32 timed decode
-  steps each. Add graph capture, and a FlashInfer JIT (tens of seconds on a fresh machine) if
+  class on the GPU; one engine per variant (eager; CUDA graphs; CUDA graphs with the overlapped
+  step), batches 1/8/32/128 of 1024-token prompts; prefill, 3 warm-up then 32 timed decode
+  steps each (each synchronized), then 32 back to back (the cadence, where overlap shows). Add graph capture, and a FlashInfer JIT (tens of seconds on a fresh machine) if
   FlashInfer is installed.
 - hf (22 s): transformers LlamaForCausalLM at the same shape, batches 1/8, 64 new tokens,
   dynamic then static cache (static is not torch.compiled unless --hf-compile, which adds minutes).

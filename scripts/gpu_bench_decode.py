@@ -48,10 +48,16 @@ def build_random_model(sizes: Sizes, dtype: torch.dtype, device: torch.device) -
     )
 
 
-def eager_variants() -> list[bool | None]:
-    """enforce_eager True and False when EngineConfig has the field; else [None] (eager only)."""
+def engine_variants() -> list[dict]:
+    """Eager, then CUDA graphs with the synchronous and with the overlapped step, as far as
+    EngineConfig has the fields (the last variant is the engine's default on a GPU)."""
     names = {f.name for f in dataclasses.fields(EngineConfig)}
-    return [True, False] if "enforce_eager" in names else [None]
+    if "enforce_eager" not in names:
+        return [{}]
+    if "async_scheduling" not in names:
+        return [{"enforce_eager": True}, {"enforce_eager": False}]
+    return [{"enforce_eager": True, "async_scheduling": False}, {"enforce_eager": False, "async_scheduling": False},
+            {"enforce_eager": False, "async_scheduling": True}]
 
 
 def run_tandem_decode(sizes: Sizes, device: torch.device, dtype: torch.dtype, bandwidth: dict | None, emit: Emit) -> None:
@@ -63,18 +69,17 @@ def run_tandem_decode(sizes: Sizes, device: torch.device, dtype: torch.dtype, ba
     largest = max(sizes.batches)
     # Prefill steps of the largest batch, then warm-up and timed decodes, plus slack: no request
     # may finish before its batch's timing ends.
-    max_tokens = -(-largest * sizes.prompt_len // sizes.prefill_budget) + sizes.warmup_steps + sizes.decode_steps + 4
+    max_tokens = -(-largest * sizes.prompt_len // sizes.prefill_budget) + sizes.warmup_steps + 2 * sizes.decode_steps + 4
     max_len = sizes.prompt_len + max_tokens + BLOCK_SIZE
     cache_bytes = (largest + 1) * (-(-max_len // BLOCK_SIZE)) * spec.bytes_per_block
     read_gbps = bandwidth["read_gbps"] if bandwidth else None
-    for enforce_eager in eager_variants():
-        extra = {} if enforce_eager is None else {"enforce_eager": enforce_eager}
+    for extra in engine_variants():
         config = EngineConfig(
             device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len, show_progress=False,
             cache=CacheConfig(block_size=BLOCK_SIZE, num_bytes=cache_bytes),
             scheduler=SchedulerConfig(max_num_seqs=largest, max_num_batched_tokens=sizes.prefill_budget), **extra,
         )
-        variant = {"enforce_eager": enforce_eager, "weight_bytes": model_bytes, "kv_cache_bytes": cache_bytes}
+        variant = {**extra, "weight_bytes": model_bytes, "kv_cache_bytes": cache_bytes}
         engine = None
         try:
             started = time.perf_counter()
@@ -137,12 +142,20 @@ def decode_batch(engine: LLMEngine, batch: int, sizes: Sizes, max_tokens: int, d
             raise RuntimeError(f"{len(running)} of {batch} sequences running at a timed step (preempted?)")
         contexts.append(sum(s.num_tokens for s in running))  # tokens each step's attention reads
         step_s.append(timed(lambda: check(engine.step(), "timed decode"), device))
+    # The cadence: the same number of steps back to back, synchronized only around all of them,
+    # so that an overlapped step can prepare the next one while the device runs this one.
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(sizes.decode_steps):
+        check(engine.step(), "back-to-back decode")
+    sync(device)
+    cadence_ms = (time.perf_counter() - started) / sizes.decode_steps * 1e3
     runner = runner_times(engine, sizes.decode_steps, device)
     abort_all(engine)
     row = {
         "prompt_len": sizes.prompt_len, "prefill_steps": prefill_steps, "prefill_s": round(prefill_s, 3),
         "prefill_tok_s": round(batch * sizes.prompt_len / prefill_s, 1),
-        "step": summary_ms(step_s), "runner_execute": runner,
+        "step": summary_ms(step_s), "cadence_ms": round(cadence_ms, 3), "runner_execute": runner,
         "mean_context_tokens": round(sum(contexts) / len(contexts) / batch, 1), "contexts": contexts,
         "tok_s": round(batch / sorted(step_s)[len(step_s) // 2], 1),
     }
@@ -171,7 +184,8 @@ def roofline(row: dict, model_bytes: int, kv_bytes_per_token: int, read_gbps: fl
     if read_gbps:
         roof_ms = total / (read_gbps * 1e9) * 1e3
         row.update(read_gbps=read_gbps, roofline_ms=round(roof_ms, 3),
-                   pct_of_roofline=round(100 * roof_ms / row["step"]["median_ms"], 1))
+                   pct_of_roofline=round(100 * roof_ms / row["step"]["median_ms"], 1),
+                   cadence_pct_of_roofline=round(100 * roof_ms / row["cadence_ms"], 1))
         if "median_ms" in row["runner_execute"]:
             row["runner_pct_of_roofline"] = round(100 * roof_ms / row["runner_execute"]["median_ms"], 1)
     return row

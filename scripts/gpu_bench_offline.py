@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 from gpu_bench_common import Sizes, init_random_, llama_config, sync, timed
-from gpu_bench_decode import BLOCK_SIZE, build_random_model, describe_engine, eager_variants, warm_up
+from gpu_bench_decode import BLOCK_SIZE, build_random_model, describe_engine, engine_variants, warm_up
 
 from tandem.models.loader import default_dtype
 from tandem.workers.config import CacheConfig, EngineConfig
@@ -141,7 +141,7 @@ def offline_tandem(sizes: Sizes, prompts: list[list[int]], device: torch.device,
     spec = kv_cache_spec(loaded.config, BLOCK_SIZE, dtype)
     max_len = sizes.offline_prompt_len + new + BLOCK_SIZE
     num_bytes = (len(prompts) + 1) * (-(-max_len // BLOCK_SIZE)) * spec.bytes_per_block
-    graphs = {} if eager_variants() == [None] else {"enforce_eager": False}
+    graphs = engine_variants()[-1]  # the engine's default on a GPU
     config = EngineConfig(
         device=str(device), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len, show_progress=False,
         cache=CacheConfig(block_size=BLOCK_SIZE, num_bytes=num_bytes),

@@ -37,7 +37,7 @@ for step in $steps; do
   case $step in
     kernels) run kernels 240 python3 scripts/gpu_kernels_check.py ;;
     engine) run engine 240 python3 scripts/gpu_engine_check.py ;;
-    tp) if (( gpus >= 2 )); then run tp 150 python3 scripts/gpu_tp_check.py; else echo "== tp: skipped, one GPU"; fi ;;
+    tp) if (( gpus >= 2 )); then run tp 300 python3 scripts/gpu_tp_check.py; else echo "== tp: skipped, one GPU"; fi ;;
     bench) run bench 360 python3 scripts/bench_gpu.py --out "$out/bench.jsonl" ;;
     transfer) if python3 -c "import nixl" 2>/dev/null; then
         run transfer 90 python3 scripts/bench_transfer.py --device cuda --src-gpu 0 --dst-gpu $(( gpus >= 2 ? 1 : 0 ))

@@ -4,12 +4,12 @@
    mixed prompt lengths), and the last-token logits are compared.
 2. The same model in bfloat16: logits must agree within bf16 tolerance; the max abs diff is reported.
 3. A mid-size random Llama (hidden 4096, 8 layers by default) in bfloat16: median decode step
-   time of a batch at TP=1 and TP=2.
+   time of a batch at TP=1 and TP=2 with CUDA graphs, and at TP=2 without them.
 
 Random models are built from a config and written as safetensors under --workdir. Every result
 is one JSON object per line on stdout; the exit code is 1 if a check failed.
 
-    python scripts/gpu_tp_check.py [--workdir DIR] [--batch 16] [--skip-timing]
+    python scripts/gpu_tp_check.py [--workdir DIR] [--batch 1 16] [--skip-timing]
 """
 from __future__ import annotations
 
@@ -60,14 +60,14 @@ def write_random_llama(path: Path, config_fields: dict, dtype_name: str, seed: i
     return path
 
 
-def make_llm(model_dir: Path, dtype: str, tp: int, cache_bytes: int, **scheduler: int):
+def make_llm(model_dir: Path, dtype: str, tp: int, cache_bytes: int, enforce_eager: bool = False, **scheduler: int):
     from tandem.workers.config import CacheConfig
     from tandem.workers.llm import LLM
     from tandem.workers.scheduler import SchedulerConfig
 
     return LLM(
         str(model_dir), device="cuda", dtype=dtype, show_progress=False, tensor_parallel_size=tp,
-        cache=CacheConfig(block_size=16, num_bytes=cache_bytes), scheduler=SchedulerConfig(**scheduler),
+        enforce_eager=enforce_eager, cache=CacheConfig(block_size=16, num_bytes=cache_bytes), scheduler=SchedulerConfig(**scheduler),
     )
 
 
@@ -137,15 +137,16 @@ def run_parity(workdir: Path, new_tokens: int) -> bool:
     return ok
 
 
-def time_decode(model_dir: Path, tp: int, batch: int, prompt_len: int, steps: int) -> dict:
-    """Median wall time of a decode-only engine step over ``batch`` running sequences."""
+def time_decode(model_dir: Path, tp: int, batch: int, prompt_len: int, steps: int, eager: bool) -> dict:
+    """Median wall time of a decode-only engine step over ``batch`` running sequences, replayed
+    from CUDA graphs unless ``eager``."""
     import torch
 
     from tandem.workers.sampling_params import SamplingParams
 
     warmup = 5
     params = SamplingParams(max_tokens=warmup + steps + 2, ignore_eos=True)
-    with make_llm(model_dir, "bfloat16", tp, 8 * GIB, max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len) as llm:
+    with make_llm(model_dir, "bfloat16", tp, 8 * GIB, eager, max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len) as llm:
         engine = llm.engine
         for i, prompt in enumerate(prompts_for(MID["vocab_size"], [prompt_len] * batch, seed=2)):
             engine.add_request(f"r{i}", prompt, params)
@@ -163,7 +164,7 @@ def time_decode(model_dir: Path, tp: int, batch: int, prompt_len: int, steps: in
             engine.abort(rid)
         engine.step()
     median = statistics.median(times)
-    return dict(check="decode_step_time", tp=tp, batch=batch, prompt_len=prompt_len, steps=steps, backend=backend,
+    return dict(check="decode_step_time", tp=tp, cuda_graphs=not eager, batch=batch, prompt_len=prompt_len, steps=steps, backend=backend,
                 median_ms=round(median * 1e3, 3), p90_ms=round(sorted(times)[int(0.9 * len(times))] * 1e3, 3),
                 tokens_per_s=round(batch / median, 1))
 
@@ -174,7 +175,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt in the parity checks")
     parser.add_argument("--hidden", type=int, default=MID["hidden_size"], help="mid-size model hidden size")
     parser.add_argument("--layers", type=int, default=8, help="mid-size model layers")
-    parser.add_argument("--batch", type=int, default=16, help="sequences decoding together in the timing")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="sequences decoding together in the timing")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps")
     parser.add_argument("--skip-timing", action="store_true")
@@ -195,10 +196,13 @@ def main() -> int:
             mid = dict(MID, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        intermediate_size=int(MID["intermediate_size"] * scale) // 256 * 256)
             model_dir = write_random_llama(workdir / "mid", mid, "bfloat16", seed=3)
-            results = [time_decode(model_dir, tp, args.batch, args.prompt_len, args.steps) for tp in (1, 2)]
-            for result in results:
-                emit(**result)
-            emit(check="decode_speedup_tp2", value=round(results[0]["median_ms"] / results[1]["median_ms"], 3))
+            for batch in args.batch:
+                tp1, tp2_eager, tp2 = (time_decode(model_dir, tp, batch, args.prompt_len, args.steps, eager)
+                                       for tp, eager in ((1, False), (2, True), (2, False)))
+                for result in (tp1, tp2_eager, tp2):
+                    emit(**result)
+                emit(check="decode_speedup_tp2", batch=batch, over_tp1=round(tp1["median_ms"] / tp2["median_ms"], 3),
+                     graphs_over_eager=round(tp2_eager["median_ms"] / tp2["median_ms"], 3))
     return 0 if ok else 1
 
 
