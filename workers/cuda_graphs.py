@@ -102,6 +102,13 @@ class DecodeGraphs:
             list(self.batch_sizes), list(self.context_buckets), time.perf_counter() - started,
         )
 
+    def release(self) -> None:
+        """Free every graph and wait for the device; no replay afterwards."""
+        for graph, _ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        torch.cuda.synchronize(self.device)
+
     def can_run(self, query_lens: Sequence[int], num_blocks: int) -> bool:
         """A decode-only step that fits the largest captured bucket and the table width."""
         return (
@@ -165,6 +172,14 @@ def capture_decode_graphs(runner: ModelRunner, max_model_len: int, max_num_seqs:
     graphs = DecodeGraphs(runner.model, runner.kv_caches, backend, runner.block_size, max_model_len, runner.device, sizes)
     graphs.capture()
     return graphs
+
+
+def release_decode_graphs(runner: ModelRunner) -> None:
+    """Free ``runner``'s decode graphs and wait for the device. Under tensor parallelism this must
+    come before the process group is destroyed: the graphs hold NCCL work of its communicator."""
+    graphs, runner.graphs = runner.graphs, None
+    if graphs is not None:
+        graphs.release()
 
 
 def graph_backend(backend: AttentionBackend) -> AttentionBackend | None:

@@ -31,7 +31,7 @@ from tandem.kvtransfer.kv_cache import allocate_kv_cache, layer_views
 from tandem.kvtransfer.wire_blocks import ShardedBlocks
 from tandem.models.loader import LoadedModel, load_model
 from tandem.workers.config import EngineConfig, resolve_device, resolve_dtype
-from tandem.workers.cuda_graphs import capture_decode_graphs
+from tandem.workers.cuda_graphs import capture_decode_graphs, release_decode_graphs
 from tandem.workers.detokenizer import IncrementalDetokenizer
 from tandem.workers.errors import InvalidRequestError
 from tandem.workers.kv_blocks import SequenceBlocks, blocks_for_tokens
@@ -139,6 +139,7 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the tensor-parallel followers, if any; no step can run afterwards."""
         if self._tp_group is not None:
+            release_decode_graphs(self.runner.local)  # before the communicator they captured goes
             self._tp_group.close()
 
     # -- requests ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from tandem.kvtransfer.kv_cache import allocate_kv_cache, layer_views
 from tandem.models.layers import TensorParallel
 from tandem.models.loader import load_model
 from tandem.workers.config import EngineConfig
-from tandem.workers.cuda_graphs import capture_decode_graphs
+from tandem.workers.cuda_graphs import capture_decode_graphs, release_decode_graphs
 from tandem.workers.kv_cache_sizing import context_length, kv_cache_spec, num_kv_cache_blocks
 from tandem.workers.model_runner import ModelRunner
 from tandem.workers.tensor_parallel_kv import follow_kv_command
@@ -54,6 +54,7 @@ class FollowerSpec:
 def run_follower(spec: FollowerSpec, conn: Connection) -> None:
     """Process entry point. Reports any failure to rank 0 over ``conn``, then exits non-zero."""
     _exit_with_parent()
+    runner = None
     try:
         conn.send(Started())
         if spec.num_threads is not None:
@@ -80,6 +81,8 @@ def run_follower(spec: FollowerSpec, conn: Connection) -> None:
         _report(conn, Failed(traceback.format_exc()))
         raise SystemExit(1) from None
     finally:
+        if runner is not None:
+            release_decode_graphs(runner)  # before the communicator they captured goes
         if dist.is_initialized():
             dist.destroy_process_group()
 
