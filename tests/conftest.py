@@ -6,13 +6,14 @@ one copy; tests that need another KV-cache size build a new engine over the same
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from tandem.models.loader import LoadedModel, load_model
-from tandem.models.source import resolve_model
+from tandem.models.source import embedded_gguf_path, resolve_model
 from tandem.workers.config import CacheConfig, EngineConfig
 from tandem.workers.engine import LLMEngine
 from tandem.workers.kv_cache_sizing import kv_cache_spec
@@ -26,6 +27,36 @@ from worker_processes import start_worker  # noqa: F401  (a fixture: worker proc
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 CPU = torch.device("cpu")
+LAST_LOCAL_RAY_TEST = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> None:
+    """The local Ray of tests/ray_serving.py, shared by the modules that ask for it: started here
+    if it is not running, stopped after the last test that asks for it (pytest_runtest_teardown)."""
+    from ray_serving import start_local_ray  # Ray only where a test needs it
+
+    start_local_ray()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item.nodeid for item in session.items if "local_ray" in item.fixturenames]
+    if users:
+        session.config.stash[LAST_LOCAL_RAY_TEST] = users[-1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield  # the item's fixtures are torn down: a module's pools are stopped before its Ray
+    last = nextitem is None or item.nodeid == item.config.stash.get(LAST_LOCAL_RAY_TEST, None)
+    if last and (ray_serving := sys.modules.get("ray_serving")) is not None:
+        ray_serving.stop_local_ray()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A session cut short (-x, Ctrl-C) runs no teardown hook for its last tests."""
+    if (ray_serving := sys.modules.get("ray_serving")) is not None:
+        ray_serving.stop_local_ray()
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +71,15 @@ def hf_smollm2():
 
     source = resolve_model(None)
     return AutoModelForCausalLM.from_pretrained(str(source.path), gguf_file=source.gguf_file, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer():
+    """transformers' own tokenizer of the embedded GGUF file, converted from it (~3 s): a reference."""
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
 
 
 LLMFactory = Callable[..., LLM]

@@ -1,6 +1,12 @@
 """The REST app over Ray worker pools, wired by the same function as `tandem serve`, for tests:
-a local Ray, the pools, uvicorn on a free port; everything stopped at the end. Plus what those
-tests ask the workers directly (Stats) and wait for (every block free)."""
+the pools and uvicorn on a free port, stopped at the end, on the session's local Ray (below). Plus
+what those tests ask the workers directly (Stats) and wait for (every block free).
+
+The local Ray is shared: ``ray.init`` takes ~3.4 s and ``ray.shutdown`` ~1.4 s on two busy cores,
+and a module leaves no actor behind (``WorkerPools.stop`` kills its actors and waits until they are
+gone). A module that needs it asks for the ``local_ray`` fixture (tests/conftest.py), which starts
+it if it is not running; tests/conftest.py stops it after the last test that asked, and a test
+that must find no Ray in this process calls ``stop_local_ray`` first."""
 from __future__ import annotations
 
 import asyncio
@@ -56,7 +62,8 @@ class Served:
 
 @contextlib.contextmanager
 def serve_on_ray(config: Any, on_start: Callable[[Served, Any], None] | None = None) -> Iterator[Served]:
-    """``config``: a ServeConfig; ``on_start(served, state)`` runs on the app's loop once the pools serve."""
+    """``config``: a ServeConfig; ``on_start(served, state)`` runs on the app's loop once the pools
+    serve. The caller asks for the local_ray fixture, so that the local Ray is stopped after it."""
     from tandem.orchestrator.app import AppState, create_app
     from tandem.orchestrator.serve import start_cluster
 
@@ -74,16 +81,32 @@ def serve_on_ray(config: Any, on_start: Callable[[Served, Any], None] | None = N
         await served.pools.stop()
         await state.cluster.close()
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
-             configure_logging=False)
+    start_local_ray()
+    served.server = Server(create_app(start, stop), start_timeout_s=WAIT_S)
     try:
-        served.server = Server(create_app(start, stop), start_timeout_s=WAIT_S)
-        try:
-            yield served
-        finally:
-            served.server.stop()
+        yield served
     finally:
+        served.server.stop()
+
+
+_local_ray_running = False  # started by start_local_ray and not stopped since
+
+
+def start_local_ray() -> None:
+    """The local Ray of the tests that share it (see the module's docstring), started if it is not."""
+    global _local_ray_running
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
+                 configure_logging=False)
+        _local_ray_running = True
+
+
+def stop_local_ray() -> None:
+    """Stop the shared local Ray if it runs (never a Ray this process joined some other way)."""
+    global _local_ray_running
+    if _local_ray_running:
         ray.shutdown()
+        _local_ray_running = False
 
 
 async def stats_of(address: str, auth: ClusterAuth = ClusterAuth()):

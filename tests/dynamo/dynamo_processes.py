@@ -92,7 +92,7 @@ def deploy(start_worker, folder: Path, roles: list[str], router_mode: str, *work
     env = dynamo_env(folder)
     frontend = start_frontend(env, folder / "frontend.log", router_mode)
     try:
-        workers = [start_worker(role, "--dynamo", *worker_args, env=env) for role in roles]
+        workers = start_worker.all(*(start_worker.launch(role, "--dynamo", *worker_args, env=env) for role in roles))
         model = frontend.wait_for_model()
         client = OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", timeout=120, max_retries=0)
         yield Deployment(frontend, workers, model, client)

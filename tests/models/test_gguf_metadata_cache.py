@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from tandem.models.gguf_metadata_cache import CACHE_ENV, gguf_metadata_dir
 from tandem.models.source import embedded_gguf_path, load_config, load_tokenizer, resolve_model
@@ -13,7 +13,8 @@ from tandem.models.source import embedded_gguf_path, load_config, load_tokenizer
 TEXTS = ["Hello world", "  two  spaces\nand a newline", "héllo wörld 日本語 🙂", "<|im_start|>user"]
 
 
-def test_cached_config_and_tokenizer_equal_the_gguf_files_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_config_and_tokenizer_equal_the_gguf_files_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             hf_smollm2_tokenizer) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     gguf = embedded_gguf_path()
     folder = gguf_metadata_dir(gguf)
@@ -26,7 +27,7 @@ def test_cached_config_and_tokenizer_equal_the_gguf_files_own(tmp_path: Path, mo
         return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}  # where it was read from
 
     assert settings(load_config(source)) == settings(AutoConfig.from_pretrained(**direct))
-    cached, original = load_tokenizer(source), AutoTokenizer.from_pretrained(**direct)
+    cached, original = load_tokenizer(source), hf_smollm2_tokenizer  # AutoTokenizer of the same file (conftest.py)
     for text in TEXTS:
         assert cached(text)["input_ids"] == original(text)["input_ids"]
     messages = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -1,7 +1,6 @@
 """GGUF weights: names and values equal transformers' own load of the same file, exactly."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config
+from transformers import LlamaConfig, PretrainedConfig, Qwen3Config
 
 from tandem.models.errors import UnsupportedArchitectureError, WeightFileError
 from tandem.models.gguf_weights import iter_gguf_weights, unpermute_rotary_rows
@@ -27,13 +26,10 @@ def embedded_config(embedded: ModelSource) -> PretrainedConfig:
 
 
 @pytest.fixture(scope="module")
-def reference(embedded: ModelSource) -> Iterator[dict[str, torch.Tensor]]:
-    """transformers' float32 state dict of the embedded GGUF model (loaded once, ~14 s)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(embedded.path), gguf_file=embedded.gguf_file, dtype=torch.float32
-    )
-    yield model.state_dict()
-    del model
+def reference(hf_smollm2) -> dict[str, torch.Tensor]:
+    """transformers' float32 state dict of the embedded GGUF model: the session's hf_smollm2
+    (tests/conftest.py), transformers' own load of the same file, which takes ~14 s to build."""
+    return hf_smollm2.state_dict()
 
 
 def test_embedded_gguf_equals_transformers_exactly(

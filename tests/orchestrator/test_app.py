@@ -23,7 +23,7 @@ API_KEY = "sk-test"
 @pytest.fixture(scope="module")
 def workers(start_worker):
     args = ["--kv-cache-bytes", str(KV_CACHE_BYTES), "--dtype", "float32", "--device", "cpu"]
-    return [start_worker("context", *args), start_worker("generation", *args)]
+    return start_worker.all(start_worker.launch("context", *args), start_worker.launch("generation", *args))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from ray_serving import WAIT_S, Served, serve_on_ray
 from tandem.orchestrator.planner import Action
 
 NUM_REQUESTS = 24
-MAX_TOKENS = 1500
+MAX_TOKENS = 750  # 24 such streams on one synthetic worker decode for ~8 s here: well past the step at 1.5 s
 POLICY = """
 pools:
   context: {min_replicas: 1, max_replicas: 1}
@@ -34,7 +34,7 @@ PROFILE = {"prefill_tokens_per_s": 100000.0, "decode_tokens_per_s": 100000.0, "m
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[Served]:
+def served(local_ray, tmp_path_factory) -> Iterator[Served]:
     from tandem.orchestrator.autoscaler import Autoscaler
     from tandem.orchestrator.serve import load_planner
     from tandem.orchestrator.serve_config import ServeConfig

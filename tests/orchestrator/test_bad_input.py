@@ -39,7 +39,7 @@ NORMAL = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4,
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
+def served(local_ray) -> Iterator[Served]:
     from tandem.orchestrator.serve_config import ServeConfig
 
     pool = {"count": 1, "device": "cpu", "dtype": "float32", "kv_cache_bytes": 4 << 20}

@@ -82,7 +82,7 @@ def test_config_needs_one_arrival_process_and_positive_counts() -> None:
 @pytest.fixture(scope="module")
 def server(start_worker):
     args = ["--kv-cache-bytes", str(KV_CACHE_BYTES), "--dtype", "float32", "--device", "cpu"]
-    workers = [start_worker("context", *args), start_worker("generation", *args)]
+    workers = start_worker.all(start_worker.launch("context", *args), start_worker.launch("generation", *args))
     server = Server(app_over_workers(workers, API_KEY))
     yield server
     server.stop()

@@ -29,6 +29,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from fake_cluster import CLUSTER_YAML, GCS_PORT, ROOT, port_free, processes_of, stop_ray_under
+from ray_serving import stop_local_ray
 
 from tandem.orchestrator.autoscale_policy import load_autoscale_policy
 from tandem.orchestrator.cluster_twin import FAKE_HEAD_NODE_TYPE, write_twin
@@ -173,6 +174,7 @@ def test_twin_keeps_node_types_roles_and_commands(tmp_path: Path) -> None:
 def test_twin_autoscaler_launches_a_generation_node(tmp_path: Path) -> None:
     if not port_free(GCS_PORT):
         pytest.skip(f"port {GCS_PORT} is taken; the fake provider needs the GCS there")
+    stop_local_ray()  # the one other test modules share: this process becomes a driver of the twin's
     if ray.is_initialized():
         pytest.skip("this process is connected to another Ray")
     twin = tmp_path / "twin.yaml"

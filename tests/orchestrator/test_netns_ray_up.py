@@ -47,7 +47,7 @@ BRIDGE, SUBNET = "tandem-rup0", "10.77.1"
 HTTP_PORT = 8000
 READY_S = 300
 BLOCK_BYTES = 737_280  # one block of 16 tokens of SmolLM2 in float32
-RAY_GCS_RECONNECT_S = 10  # a worker host's raylet exits this long after the head's GCS is gone
+RAY_GCS_RECONNECT_S = 5  # a worker host's raylet exits this long after the head's GCS is gone (Ray's default: 60)
 
 
 class RayUpCluster:

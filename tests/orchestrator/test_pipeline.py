@@ -22,13 +22,14 @@ PARAMS = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True}
 def workers(start_worker, tiny_llama):
     args = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", "4",
             "--kv-cache-bytes", str(64 * 2048)]
-    return {
-        "context": start_worker("context", *args, "--worker-id", "ctx-0"),
-        "context-1": start_worker("context", *args, "--worker-id", "ctx-1"),
-        "gen-0": start_worker("generation", *args, "--worker-id", "gen-0"),
-        "gen-1": start_worker("generation", *args, "--worker-id", "gen-1"),
-        "ctx-bs8": start_worker("context", *args, "--block-size", "8", "--worker-id", "ctx-bs8"),
+    launched = {
+        "context": start_worker.launch("context", *args, "--worker-id", "ctx-0"),
+        "context-1": start_worker.launch("context", *args, "--worker-id", "ctx-1"),
+        "gen-0": start_worker.launch("generation", *args, "--worker-id", "gen-0"),
+        "gen-1": start_worker.launch("generation", *args, "--worker-id", "gen-1"),
+        "ctx-bs8": start_worker.launch("context", *args, "--block-size", "8", "--worker-id", "ctx-bs8"),
     }
+    return dict(zip(launched, start_worker.all(*launched.values())))
 
 
 def expected(tiny_llama, prompt: list[int], new_tokens: int) -> list[int]:

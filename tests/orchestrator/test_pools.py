@@ -23,14 +23,6 @@ NUM_BLOCKS = 64
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024**2,
-             configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -75,7 +67,7 @@ class Events:
 
 
 @pytest.fixture(scope="module")
-def pool(ray_cluster, loop, tiny_llama) -> Iterator[tuple[WorkerPools, Events]]:
+def pool(local_ray, loop, tiny_llama) -> Iterator[tuple[WorkerPools, Events]]:
     events = Events()
     specs = [PoolSpec("context", 1, tiny_args(tiny_llama[0])), PoolSpec("generation", 1, tiny_args(tiny_llama[0]))]
     pools = WorkerPools(specs, on_up=events.up, on_down=events.down, health_interval_s=0.5, ready_timeout_s=EVENT_TIMEOUT_S)
@@ -122,7 +114,7 @@ def test_worker_killed_for_good_is_replaced_by_a_new_actor(pool, loop) -> None:
     assert on(loop, stats(after.address)).epoch == after.epoch
 
 
-def test_worker_that_cannot_start_fails_start_with_its_error(ray_cluster, loop, tmp_path) -> None:
+def test_worker_that_cannot_start_fails_start_with_its_error(local_ray, loop, tmp_path) -> None:
     events = Events()
     spec = PoolSpec("context", 1, tiny_args(tmp_path / "no-such-model"))
     pools = WorkerPools([spec], on_up=events.up, on_down=events.down, ready_timeout_s=EVENT_TIMEOUT_S)

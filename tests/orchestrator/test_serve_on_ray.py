@@ -32,7 +32,7 @@ LONG_PROMPT = "Tell me a long story about a lighthouse keeper who finds a messag
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from tandem.orchestrator.serve_config import ServeConfig
 
     token_file = Path(tmp_path_factory.mktemp("token")) / "cluster-token"

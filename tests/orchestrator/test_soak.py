@@ -61,7 +61,7 @@ WORKERS = ["context-0", "generation-0", "generation-1"]
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
+def served(local_ray) -> Iterator[Served]:
     from tandem.orchestrator.serve_config import ServeConfig
 
     pool = {"device": "cpu", "dtype": "float32", "kv_cache_bytes": KV_CACHE_BYTES}

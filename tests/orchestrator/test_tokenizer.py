@@ -39,10 +39,19 @@ def model_info(address: str) -> pb.ModelInfo:
 
 
 @pytest.fixture(scope="module")
-def smollm2_info(start_worker) -> pb.ModelInfo:
-    worker = start_worker("generation", "--kv-cache-bytes", str(NUM_BLOCKS * SMOLLM2_BYTES_PER_BLOCK),
-                          "--device", "cpu", "--dtype", "float32", "--block-size", str(BLOCK_SIZE))
-    return model_info(worker.address)
+def workers(start_worker, tiny_llama) -> tuple:
+    """The embedded SmolLM2 and a tiny Llama without a tokenizer, started at once."""
+    return start_worker.all(
+        start_worker.launch("generation", "--kv-cache-bytes", str(NUM_BLOCKS * SMOLLM2_BYTES_PER_BLOCK),
+                            "--device", "cpu", "--dtype", "float32", "--block-size", str(BLOCK_SIZE)),
+        start_worker.launch("generation", "--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32",
+                            "--block-size", "4", "--kv-cache-bytes", str(64 * 2048)),
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_info(workers) -> pb.ModelInfo:
+    return model_info(workers[0].address)
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +121,8 @@ assert "torch" not in sys.modules, "use"
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_a_model_without_tokenizer_has_no_files_and_a_clear_error(start_worker, tiny_llama) -> None:
-    worker = start_worker("generation", "--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32",
-                          "--block-size", "4", "--kv-cache-bytes", str(64 * 2048))
-    info = model_info(worker.address)
+def test_a_model_without_tokenizer_has_no_files_and_a_clear_error(workers) -> None:
+    info = model_info(workers[1].address)
     assert dict(info.tokenizer_files) == {}
     assert info.vocab_size == 160 and info.block_size == 4 and info.max_model_len == 64 * 4
     with pytest.raises(NoTokenizerError, match="has no tokenizer"):

@@ -9,7 +9,7 @@ autoscaler launches a new generation node; with no load the planner removes a ge
 serves. No request fails.
 
 Each fake node has 1 CPU and each worker asks for 1, so one worker per node: a new worker needs
-a new node. The twin's idle_timeout_minutes is 0.1 (6 s), the planner's interval 1 s. The twin's
+a new node. The twin's idle_timeout_minutes is 0.05 (3 s), the planner's interval 1 s. The twin's
 head is started and stopped (by its temp dir, never `ray stop`) as in test_cluster_yaml.py.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import ray
 import yaml
 
 from fake_cluster import CLUSTER_YAML, GCS_PORT, port_free, processes_of, stop_ray_under
+from ray_serving import stop_local_ray
 from worker_rpc import free_port
 
 from tandem.models.gguf_metadata_cache import cache_root
@@ -42,7 +43,7 @@ from tandem.orchestrator.cluster_twin import make_twin
 pytestmark = pytest.mark.slow
 
 ROOT = CLUSTER_YAML.parent
-IDLE_TIMEOUT_MIN = 0.1  # the twin's idle_timeout_minutes: a fake node idle for 6 s is terminated
+IDLE_TIMEOUT_MIN = 0.05  # the twin's idle_timeout_minutes: a fake node idle for 3 s is terminated
 KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
 READY_S = 240  # tandem serve: two nodes launched, two workers load the model, on 2 busy cores
 SCALE_S = 180  # a scale-up (node launch + model load) or a scale-down (drain + idle timeout)
@@ -134,6 +135,7 @@ def tandem_serve(address: str, config: Path, log: Path, env: dict[str, str]) -> 
 def test_planner_scales_fake_nodes_of_the_twin_up_and_down(tmp_path: Path) -> None:
     if not port_free(GCS_PORT):
         pytest.skip(f"port {GCS_PORT} is taken; the fake provider needs the GCS there")
+    stop_local_ray()  # the one other test modules share: this process becomes a driver of the twin's
     if ray.is_initialized():
         pytest.skip("this process is connected to another Ray")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TANDEM_CACHE_DIR": str(cache_root())}

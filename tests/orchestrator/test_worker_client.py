@@ -17,7 +17,7 @@ GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "stop": ()}
 def pair(start_worker, tiny_llama):
     args = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", "4",
             "--kv-cache-bytes", str(64 * 2048)]
-    return start_worker("context", *args), start_worker("generation", *args)
+    return start_worker.all(start_worker.launch("context", *args), start_worker.launch("generation", *args))
 
 
 def test_prefill_then_generate_gives_transformers_tokens(pair, tiny_llama) -> None:

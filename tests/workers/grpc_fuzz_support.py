@@ -33,9 +33,8 @@ def start_pair(start_worker, tiny_llama) -> tuple:
     """(context, generation): the fuzz_pair fixture of tests/workers/conftest.py."""
     common = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", str(BLOCK_SIZE),
               "--kv-cache-bytes", str(NUM_BLOCKS * KV_BYTES_PER_BLOCK), "--lease-seconds", str(LEASE_SECONDS)]
-    context = start_worker("context", *common)
-    generation = start_worker("generation", *common, "--transfer-timeout", "3")
-    return context, generation
+    return start_worker.all(start_worker.launch("context", *common),
+                            start_worker.launch("generation", *common, "--transfer-timeout", "3"))
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:

@@ -75,8 +75,8 @@ def secured(start_worker, tmp_path_factory: pytest.TempPathFactory):
     token_file.write_text(TOKEN)
     tls = ("--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]), "--tls-ca", str(files["ca"]))
     common = ("--kv-cache-bytes", str(32 << 20), "--cluster-token-file", str(token_file), *tls)
-    context = start_worker("context", *common)
-    generation = start_worker("generation", *common)
+    context, generation = start_worker.all(start_worker.launch("context", *common),
+                                           start_worker.launch("generation", *common))
     credentials = grpc.ssl_channel_credentials(files["ca"].read_bytes(), files["key"].read_bytes(),
                                                files["cert"].read_bytes())
     channels = {name: grpc.secure_channel(w.address, credentials) for name, w in

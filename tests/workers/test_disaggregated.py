@@ -26,9 +26,8 @@ PROMPT = (
 @pytest.fixture(scope="module")
 def pair(start_worker):
     common = ["--kv-cache-bytes", str(KV_CACHE_BYTES), "--dtype", "float32", "--device", "cpu"]
-    context = start_worker("context", *common, "--lease-seconds", str(LEASE_SECONDS))
-    generation = start_worker("generation", *common, "--transfer-timeout", "5")
-    return context, generation
+    return start_worker.all(start_worker.launch("context", *common, "--lease-seconds", str(LEASE_SECONDS)),
+                            start_worker.launch("generation", *common, "--transfer-timeout", "5"))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from tandem.kvtransfer.block_hash import hash_full_blocks
 from tandem.kvtransfer.events import AllBlocksCleared, BlockStored
 from tandem.kvtransfer.kv_event_stream import EventBatch, decode_event_batch, parse_kv_event_topic
 from tandem.proto import tandem_pb2 as pb
+from worker_processes import Launched
 from worker_rpc import MAX_TOKENS, generate, pool_full, prefill, run_disaggregated, tokens_of, wait_for
 
 BLOCK_SIZE = 4
@@ -48,18 +49,36 @@ STAGING = ["--staging-blocks", "32", "--stage-min-runs", "0"]
 
 
 @pytest.fixture(scope="module")
-def pair(start_worker, tiny_llama):
+def launched(start_worker, tiny_llama) -> dict[str, Launched]:
+    """Every worker process of the module, started at once; the fixtures below wait for theirs."""
     model_dir, _ = tiny_llama
-    context = start_worker("context", *worker_args(model_dir), *STAGING)
-    generation = start_worker("generation", *worker_args(model_dir), *STAGING, "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
-    return context, generation
+    return {
+        "context": start_worker.launch("context", *worker_args(model_dir), *STAGING),
+        "generation": start_worker.launch("generation", *worker_args(model_dir), *STAGING,
+                                          "--transfer-timeout", str(TRANSFER_TIMEOUT_S)),
+        # Same model, but 8-token blocks in bfloat16: its KV bytes mean something else.
+        "mismatched": start_worker.launch("generation", *worker_args(model_dir, block_size=8), "--dtype", "bfloat16",
+                                          "--transfer-timeout", str(TRANSFER_TIMEOUT_S)),
+        "aggregated": start_worker.launch("aggregated", *worker_args(model_dir)),
+    }
 
 
 @pytest.fixture(scope="module")
-def mismatched_generation(start_worker, tiny_llama):
+def pair(start_worker, launched):
+    return start_worker.all(launched["context"], launched["generation"])
+
+
+@pytest.fixture(scope="module")
+def mismatched_generation(start_worker, launched):
     """Same model, but 8-token blocks in bfloat16: its KV bytes mean something else."""
-    return start_worker("generation", *worker_args(tiny_llama[0], block_size=8), "--dtype", "bfloat16",
-                        "--transfer-timeout", str(TRANSFER_TIMEOUT_S))
+    (worker,) = start_worker.all(launched["mismatched"])
+    return worker
+
+
+@pytest.fixture(scope="module")
+def aggregated(start_worker, launched):
+    (worker,) = start_worker.all(launched["aggregated"])
+    return worker
 
 
 
@@ -191,8 +210,7 @@ def test_abort_of_an_unknown_request_finds_nothing(pair) -> None:
     assert not generation.stub.Abort(pb.AbortRequest(request_id="nobody"), timeout=10).found
 
 
-def test_drained_worker_refuses_new_work_as_retriable(start_worker, tiny_llama) -> None:
-    aggregated = start_worker("aggregated", *worker_args(tiny_llama[0]))
+def test_drained_worker_refuses_new_work_as_retriable(aggregated) -> None:
     assert len(tokens_of(generate(aggregated, "before-drain", PROMPTS["short"]))) == MAX_TOKENS
     assert aggregated.stub.Drain(pb.DrainRequest(), timeout=30).num_requests_finished == 0
     assert aggregated.stats().draining

@@ -26,7 +26,9 @@ from tandem.proto import tandem_pb2 as pb
 HOSTS = ["hx-ctx", "hx-gen"]  # short, no real cluster's; own bridge and subnet: other netns tests may run beside
 BRIDGE, SUBNET = "tandem-hx0", "10.77.2"
 KV_CACHE_BYTES = 64 * 737_280  # 64 blocks of 16 tokens of SmolLM2 in float32
-TRANSFER_TIMEOUT_S, LEASE_S = 3.0, 6.0
+# A lease outlasts the slowest READ (the transfer timeout) with 1.5 s to spare for the Generate call
+# to reach the generation worker; the fault tests wait for it to run out.
+TRANSFER_TIMEOUT_S, LEASE_S = 3.0, 4.5
 PROMPT = list(range(1000, 1040))  # three blocks
 RATE, RATE_BYTES_PER_S, BURST_BYTES, LOSS = "32mbit", 4_000_000, 65_536, 0.05
 
@@ -41,10 +43,12 @@ def hosts(start_worker):
         common = ("--kv-cache-bytes", str(KV_CACHE_BYTES), "--transfer-timeout", str(TRANSFER_TIMEOUT_S),
                   "--lease-seconds", str(LEASE_S))
         env = {"UCX_TLS": "tcp"}  # not shared memory or cma, which two processes on one machine could use
-        context = start_worker("context", "--host", context_host.address, *common, env=env,
-                               wrap=["ip", "netns", "exec", context_host.namespace])
-        generation = start_worker("generation", "--host", generation_host.address, *common, env=env,
-                                  wrap=["ip", "netns", "exec", generation_host.namespace])
+        context, generation = start_worker.all(
+            start_worker.launch("context", "--host", context_host.address, *common, env=env,
+                                wrap=["ip", "netns", "exec", context_host.namespace]),
+            start_worker.launch("generation", "--host", generation_host.address, *common, env=env,
+                                wrap=["ip", "netns", "exec", generation_host.namespace]),
+        )
         yield netns, (context_host, generation_host), (context, generation)
     finally:
         netns.down(HOSTS, network)
@@ -121,7 +125,7 @@ def test_a_generation_host_cut_off_mid_read_fails_cleanly_and_frees_everything(h
 
     def call() -> None:
         try:
-            outcome.append(list(generation.stub.Generate(request, timeout=TRANSFER_TIMEOUT_S + 4)))
+            outcome.append(list(generation.stub.Generate(request, timeout=TRANSFER_TIMEOUT_S + 1.5)))
         except grpc.RpcError as error:
             outcome.append(error)
 

@@ -31,9 +31,10 @@ def workers(start_worker, tiny_llama):
     """Two aggregated workers (each serves Prefill and Generate): one of two ranks, one of one."""
     args = ["--model", str(tiny_llama[0]), "--device", "cpu", "--dtype", "float32", "--block-size", str(BLOCK_SIZE),
             "--kv-cache-bytes", str(1 << 18), "--lease-seconds", "10"]
-    two_ranks = start_worker("aggregated", *args, "--tensor-parallel-size", "2", "--staging-blocks", str(STAGING_SLOTS))
-    one_rank = start_worker("aggregated", *args)
-    return two_ranks, one_rank
+    return start_worker.all(
+        start_worker.launch("aggregated", *args, "--tensor-parallel-size", "2", "--staging-blocks", str(STAGING_SLOTS)),
+        start_worker.launch("aggregated", *args),
+    )
 
 
 def transformers_greedy(tiny_llama, prompt: list[int]) -> list[int]:
