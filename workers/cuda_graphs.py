@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tandem.kernels.interface import AttentionBackend, AttentionMetadata, ForwardContext
+from tandem.workers.model_runner import pinned
 
 if TYPE_CHECKING:
     from tandem.workers.model_runner import DeviceInputs, ModelRunner
@@ -130,13 +131,13 @@ class DecodeGraphs:
         longest = max(seq_lens)
         graph, logits = self._graphs[(size, next(c for c in self.context_buckets if c >= longest))]
         width = len(block_table[0])
-        self._input_ids[:n].copy_(_host(token_ids, torch.int64), non_blocking=True)
+        self._input_ids[:n].copy_(pinned(token_ids, torch.int64), non_blocking=True)
         if device_inputs is not None:
             device_inputs.scatter_into(self._input_ids)  # one token per row: token index = row
-        self._positions[:n].copy_(_host(positions, torch.int64), non_blocking=True)
-        self._slots[:n].copy_(_host(slots, torch.int64), non_blocking=True)
-        self._seq_lens[:n].copy_(_host(list(seq_lens), torch.int32), non_blocking=True)
-        self._block_tables[:n, :width].copy_(_host(block_table, torch.int32), non_blocking=True)
+        self._positions[:n].copy_(pinned(positions, torch.int64), non_blocking=True)
+        self._slots[:n].copy_(pinned(slots, torch.int64), non_blocking=True)
+        self._seq_lens[:n].copy_(pinned(list(seq_lens), torch.int32), non_blocking=True)
+        self._block_tables[:n, :width].copy_(pinned(block_table, torch.int32), non_blocking=True)
         if size > n:  # padding rows: no KV write, one finite token of context
             self._slots[n:size].fill_(-1)
             self._seq_lens[n:size].fill_(1)
@@ -154,11 +155,6 @@ class DecodeGraphs:
             seq_lens_cpu=(context,) * size,  # shapes the split-KV grid for any real length up to it
             block_size=self.block_size,
         )
-
-
-def _host(values: list, dtype: torch.dtype) -> torch.Tensor:
-    """A pinned host tensor, so the copy to the device is asynchronous."""
-    return torch.tensor(values, dtype=dtype).pin_memory()
 
 
 def capture_decode_graphs(runner: ModelRunner, max_model_len: int, max_num_seqs: int) -> DecodeGraphs | None:

@@ -150,10 +150,14 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype | None = No
     copy. On CUDA the copy goes through pinned memory and is queued without blocking: from pageable
     memory (torch.tensor(..., device=cuda) included) it would wait for everything already queued on
     the stream, the overlapped step's forward too."""
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype).to(device)
+    return pinned(values, dtype).to(device, non_blocking=True)
+
+
+def pinned(values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list in pinned memory, so that a copy from it to a CUDA device is asynchronous."""
+    return torch.tensor(values, dtype=dtype).pin_memory()
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:
