@@ -15,7 +15,7 @@ from tandem.models.random_weights import init_random_
 
 __all__ = [  # init_random_ lives in models/random_weights.py (the loader's random:<dir> uses it too)
     "SMOKE", "Sizes", "init_random_", "llama_config", "memory_bandwidth", "percentile", "summary_ms", "sync", "timed",
-    "weight_bytes",
+    "decode_read_bytes", "weight_bytes",
 ]
 
 
@@ -91,6 +91,16 @@ def llama_config(sizes: Sizes, *, layers: int | None = None, vocab: int | None =
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of every parameter, a tied lm_head counted once (parameters() yields it once)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def decode_read_bytes(module: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: every parameter but an untied input embedding table, of
+    which a step reads only its batch's rows (Llama-3.1-8B: 1.05 of 16.06 GB). A tied table is the
+    LM head too, which reads it whole."""
+    embed = next((p for n, p in module.named_parameters() if n.endswith("embed_tokens.weight")), None)
+    head = next((p for n, p in module.named_parameters(remove_duplicate=False) if n.endswith("lm_head.weight")), None)
+    unread = embed if embed is not None and head is not embed else None
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p is not unread)
 
 
 def sync(device: torch.device) -> None:

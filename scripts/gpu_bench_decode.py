@@ -1,8 +1,8 @@
 """The decode phases of scripts/bench_gpu.py: Tandem's engine against its memory roofline, and
 transformers' generate on the same model shape and device.
 
-Roofline of one decode step: every weight byte and every cached K/V byte of the batch is read
-once, at the read rate measured in the same run (gpu_bench_common.memory_bandwidth); activations,
+Roofline of one decode step: every weight byte (but the input embedding table's unread rows) and
+every cached K/V byte of the batch is read once, at the read rate measured in the same run (gpu_bench_common.memory_bandwidth); activations,
 the new K/V writes and the logits are left out, so the roofline is a lower bound on step time.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gpu_bench_common import Sizes, init_random_, llama_config, summary_ms, sync, timed, weight_bytes
+from gpu_bench_common import Sizes, decode_read_bytes, init_random_, llama_config, summary_ms, sync, timed
 
 from tandem.models.loader import LoadedModel, default_dtype
 from tandem.models.registry import model_class_for
@@ -63,7 +63,7 @@ def engine_variants() -> list[dict]:
 def run_tandem_decode(sizes: Sizes, device: torch.device, dtype: torch.dtype, bandwidth: dict | None, emit: Emit) -> None:
     """One engine per variant over one random model; every batch size runs in each engine."""
     loaded = build_random_model(sizes, dtype, device)
-    model_bytes = weight_bytes(loaded.model)
+    model_bytes = decode_read_bytes(loaded.model)
     spec = kv_cache_spec(loaded.config, BLOCK_SIZE, dtype)
     kv_bytes_per_token = spec.bytes_per_block // BLOCK_SIZE  # all layers, k and v
     largest = max(sizes.batches)
@@ -79,7 +79,7 @@ def run_tandem_decode(sizes: Sizes, device: torch.device, dtype: torch.dtype, ba
             cache=CacheConfig(block_size=BLOCK_SIZE, num_bytes=cache_bytes),
             scheduler=SchedulerConfig(max_num_seqs=largest, max_num_batched_tokens=sizes.prefill_budget), **extra,
         )
-        variant = {**extra, "weight_bytes": model_bytes, "kv_cache_bytes": cache_bytes}
+        variant = {**extra, "weight_read_bytes": model_bytes, "kv_cache_bytes": cache_bytes}
         engine = None
         try:
             started = time.perf_counter()
@@ -226,12 +226,12 @@ def run_hf_decode(
         model = LlamaForCausalLM(config)
     init_random_(model)
     model.eval()
-    model_bytes = weight_bytes(model)
+    model_bytes = decode_read_bytes(model)
     variants = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": not compile_static}}
     try:
         for name, extra in variants.items():
             for batch in sizes.hf_batches:
-                record = {"phase": "hf", "cache": name, "batch": batch, "weight_bytes": model_bytes,
+                record = {"phase": "hf", "cache": name, "batch": batch, "weight_read_bytes": model_bytes,
                           "compiled": name == "static" and compile_static}
                 try:
                     record.update(hf_steps(model, batch, sizes, device, extra))
