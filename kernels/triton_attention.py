@@ -4,7 +4,7 @@ Split-KV (flash-decoding): program (seq, kv_head, split) reads one contiguous ra
 sequence's context and keeps an online softmax (running max m, sum l, weighted values acc) in
 fp32 for the group of query heads that share the kv head, so each key/value is read once for the
 whole group (grouped-query attention costs no repeat). With one split the program writes the
-output itself; with several, a second kernel merges the splits' (m, l, acc). Splits exist for
+output itself; with several, a second kernel merges the splits' (m, l, acc), one program per query head. Splits exist for
 small batches: 8 kv heads of one sequence are 8 programs, far too few for 132 SMs.
 
 16-bit caches use tl.dot (tensor cores, the query group padded to 16 rows): decode is bound by
@@ -111,40 +111,35 @@ def _decode_partial_kernel(
         out_off = seq * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od
         out = acc / l[:, None]
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
-    else:  # partials, contiguous [S, kv_heads, splits, GROUP_P, DIM_P] and [S, kv_heads, splits, 2, GROUP_P]
-        part = (seq * num_kv_heads + kv_head) * NUM_SPLITS + split
-        tl.store(part_acc_ptr + part * GROUP_P * DIM_P + g[:, None] * DIM_P + d[None, :], acc)
-        tl.store(part_ml_ptr + part * 2 * GROUP_P + g, m)
-        tl.store(part_ml_ptr + part * 2 * GROUP_P + GROUP_P + g, l)
+    else:  # partials of the group's real heads: acc [S, heads, splits, DIM_P], then m and l [S, heads, splits]
+        num_heads = num_kv_heads * GROUP
+        part = (seq * num_heads + heads) * NUM_SPLITS + split  # [GROUP_P]
+        tl.store(part_acc_ptr + part[:, None] * DIM_P + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_ml_ptr + part, m, mask=g_mask)
+        tl.store(part_ml_ptr + tl.num_programs(0) * num_heads * NUM_SPLITS + part, l, mask=g_mask)
 
 
 @triton.jit
 def _decode_merge_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, stride_os, stride_oh, stride_od,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
 ):
-    """out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; an empty split has m = -inf, weight 0."""
+    """One program per (sequence, query head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s;
+    an empty split has m = -inf, weight 0. Per head, not per kv head: a program reads
+    NUM_SPLITS x DIM_P floats, and the step has enough programs to read them in parallel."""
     seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    num_kv_heads = tl.num_programs(1)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
     sp = tl.arange(0, SPLITS_P)
-    g = tl.arange(0, GROUP_P)
     d = tl.arange(0, DIM_P)
     sp_mask = sp < NUM_SPLITS
-    part = (seq * num_kv_heads + kv_head) * NUM_SPLITS + sp  # [SPLITS_P]
-    ml = part_ml_ptr + part[:, None] * 2 * GROUP_P + g[None, :]
-    m = tl.load(ml, mask=sp_mask[:, None], other=float("-inf"))  # [SPLITS_P, GROUP_P]
-    l = tl.load(ml + GROUP_P, mask=sp_mask[:, None], other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp(m - m_max[None, :])
-    denom = tl.sum(w * l, axis=0)  # [GROUP_P]
-    acc_off = part[:, None, None] * GROUP_P * DIM_P + g[None, :, None] * DIM_P + d[None, None, :]
-    acc = tl.load(part_acc_ptr + acc_off, mask=sp_mask[:, None, None], other=0.0)
-    out = tl.sum(w[:, :, None] * acc, axis=0) / denom[:, None]
-    heads = kv_head * GROUP + g
-    out_off = seq * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+    part = (seq * num_heads + head) * NUM_SPLITS + sp  # [SPLITS_P]
+    m = tl.load(part_ml_ptr + part, mask=sp_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + tl.num_programs(0) * num_heads * NUM_SPLITS + part, mask=sp_mask, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(part_acc_ptr + part[:, None] * DIM_P + d[None, :], mask=sp_mask[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -190,8 +185,8 @@ def paged_decode_attention(
         group_p = max(group_p, 16)  # tl.dot needs 16 rows
     tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     if num_splits > 1:
-        part_acc = torch.empty((num_seqs, num_kv_heads, num_splits, group_p, dim_p), dtype=torch.float32, device=query.device)
-        part_ml = torch.empty((num_seqs, num_kv_heads, num_splits, 2, group_p), dtype=torch.float32, device=query.device)
+        part_acc = torch.empty((num_seqs, num_heads, num_splits, dim_p), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((2, num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
     else:
         part_acc = part_ml = out  # unused by the kernel's one-split path
     sizes = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, DIM_P=dim_p, NUM_SPLITS=num_splits)
@@ -202,7 +197,8 @@ def paged_decode_attention(
         BLOCK=block_n, INTERPRETED=interpreted, USE_DOT=use_dot, num_warps=num_warps, **sizes,
     )
     if num_splits > 1:
-        _decode_merge_kernel[(num_seqs, num_kv_heads)](
-            out, part_acc, part_ml, *out.stride(), SPLITS_P=triton.next_power_of_2(num_splits), **sizes,
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_ml, *out.stride(),
+            HEAD_DIM=head_dim, DIM_P=dim_p, NUM_SPLITS=num_splits, SPLITS_P=triton.next_power_of_2(num_splits),
         )
     return out
