@@ -12,6 +12,7 @@ global.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,9 +78,20 @@ def _new_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+@functools.cache
+def _triton_gemv():
+    """kernels/triton_gemv.py, or None where Triton does not import."""
+    try:
+        from tandem.kernels import triton_gemv
+    except ImportError:
+        return None
+    return triton_gemv
+
+
 class PrepackedWeight:
     """Mixin: an optional device-specific copy of `weight`, made once after loading (CPU: oneDNN
-    blocked layout). `weight` stays the loaded, HF-shaped tensor that the checkpoint filled."""
+    blocked layout), and the matmul that picks the fastest kernel for the call. `weight` stays the
+    loaded, HF-shaped tensor that the checkpoint filled."""
 
     weight: nn.Parameter
     packed_weight: torch.Tensor | None = None
@@ -91,6 +103,8 @@ class PrepackedWeight:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
+        if x.is_cuda and x.shape[0] == 1 and (gemv := _triton_gemv()) is not None and gemv.supports(x, self.weight):
+            return gemv.gemv(x, self.weight, bias)  # a batch-1 decode step: a pure weight stream
         return F.linear(x, self.weight, bias)
 
 
