@@ -112,12 +112,12 @@ class Pipeline:
                 reply = await context.prefill(request_id, prompt, params, timeout_s=time_left())
         waterfall.prefill_s = time.perf_counter() - started
         waterfall.queue_s = reply.queue_seconds
-        yield _first_delta(reply)
-        if reply.handle is None:  # the first token finished the request (or it was aborted)
-            return
         paths = self.cluster.transfer_paths
         streamed = False
         try:
+            yield _first_delta(reply)  # a caller may stop here: the finally below releases the handle
+            if reply.handle is None:  # the first token finished the request (or it was aborted)
+                return
             with self._noting_failures(route.generation_worker):
                 async for delta in generation.generate(
                     request_id, prompt, params, handle=reply.handle, first_token_id=reply.first_token_id,
@@ -135,7 +135,7 @@ class Pipeline:
                 paths.record(route.context_worker, route.generation_worker, False, f"{error.code}: {error.message}")
             raise
         finally:
-            if not streamed:  # the KV was never read: unpin it now rather than at lease expiry
+            if not streamed and reply.handle is not None:  # the KV was never read: unpin it now, not at lease expiry
                 self._in_background(context.release(reply.handle))
 
     @contextlib.contextmanager

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 from tandem.workers.engine import LLMEngine, RequestOutput
@@ -70,7 +71,21 @@ class EngineLoop:
         return future
 
     async def call(self, fn: Callable[[], T]) -> T:
+        """fn's result. A caller cancelled while fn waits its turn cancels fn (it never runs); one
+        cancelled while fn runs loses its result."""
         return await asyncio.wrap_future(self.submit(fn))
+
+    async def call_to_completion(self, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+        """call(), except that fn runs even when the caller is cancelled meanwhile, before anything
+        submitted later; its result then goes to ``undo``, if given, on the engine thread. For a
+        state change that no one but the caller knows of (a reservation, its commit)."""
+        future = self.submit(fn)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            if undo is not None:
+                self.submit(partial(_undo, future, undo))
+            raise
 
     def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput]:
         """Where request_id's outputs will arrive; open it before adding the request."""
@@ -140,3 +155,9 @@ class EngineLoop:
                 return
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineLoopStopped("the engine loop has stopped"))
+
+
+def _undo(future: concurrent.futures.Future[T], undo: Callable[[T], object]) -> None:
+    """Hand fn's result to undo, unless fn raised; fn has run by now (commands run in order)."""
+    if future.exception(timeout=0) is None:
+        undo(future.result())

@@ -9,9 +9,9 @@ holds), READs only the missing blocks from the handle's owner over NIXL, has the
 
 Every wait is bounded: metadata fetches and releases by ``peer_timeout_s`` (a fetch also by the
 lease's time left), a READ by the lease deadline (minus ``lease_margin_s``, so a lease cannot end
-while its bytes are in flight) and by ``transfer_timeout_s``. On any failure the request's reserved
-blocks go back to the pool; blocks a cancelled READ might still write are quarantined until NIXL
-reports the transfer over.
+while its bytes are in flight) and by ``transfer_timeout_s``. On any failure, and when the caller
+goes away at any point, the request's reserved blocks go back to the pool; blocks a cancelled READ
+might still write are quarantined until NIXL reports the transfer over.
 """
 from __future__ import annotations
 
@@ -185,10 +185,13 @@ class Worker:
         # Before the size check: a peer with another block size fails here, saying so.
         await self._pair_with(handle, request_id, timeout=min(time_left, self.config.peer_timeout_s))
         check_handle_fits(handle, len(prompt), self.engine.pool.block_size, request_id)
+        # Until committed (then a cancelled Generate's abort ends it) the reservation is known only
+        # here: no engine-thread step that makes, commits or drops it may be lost to a cancellation.
         self._transferring[request_id] = False
         try:
-            reservation = await self.loop.call(
-                partial(self.engine.reserve_prefilled, request_id, prompt, first_token_id, params)
+            reservation = await self.loop.call_to_completion(
+                partial(self.engine.reserve_prefilled, request_id, prompt, first_token_id, params),
+                undo=lambda _: self.engine.cancel_prefilled(request_id),
             )
         except BaseException:
             del self._transferring[request_id]
@@ -211,7 +214,7 @@ class Worker:
             read.add_done_callback(lambda done: self.loop.submit(partial(self._end_reservation, request_id, done)))
             raise
         except Exception as error:
-            await self.loop.call(partial(self._end_reservation, request_id, read))
+            await self.loop.call_to_completion(partial(self._end_reservation, request_id, read))
             raise_peer_failure(handle, error, request_id)
         try:  # the owner ends the lease, saying whether it still held: else the bytes may be another prompt's
             await confirm_lease(self.peers, handle, self.config.peer_timeout_s, request_id, read=read is not None)
@@ -219,9 +222,9 @@ class Worker:
             self.loop.submit(partial(self._end_reservation, request_id, None))
             raise
         if self._transferring.pop(request_id):  # aborted while the blocks were in flight
-            await self.loop.call(partial(self.engine.cancel_prefilled, request_id))
+            await self.loop.call_to_completion(partial(self.engine.cancel_prefilled, request_id))
             return None
-        await self.loop.call(partial(self._commit, request_id, stats))
+        await self.loop.call_to_completion(partial(self._commit, request_id, stats))
         return TransferReport(len(local), reservation.num_cached_blocks, stats, reservation.block_ids)
 
     async def _pair_with(self, handle: KVHandle, request_id: str, timeout: float) -> None:
@@ -254,7 +257,7 @@ class Worker:
 
     async def release(self, handle: KVHandle) -> bool:
         """Unpin a handle's blocks; False when its lease had already ended."""
-        return await self.loop.call(partial(self._release_on_engine, handle))
+        return await self.loop.call_to_completion(partial(self._release_on_engine, handle))
 
     def _release_on_engine(self, handle: KVHandle) -> bool:
         ended = self.leases.release(handle)

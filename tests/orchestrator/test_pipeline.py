@@ -1,6 +1,7 @@
 """One request through real tiny worker processes: disaggregated and local-prefill routes give
 transformers' tokens with a TTFT waterfall; a failing KV hand-off path is reported and routed
-around; a generation worker killed mid-stream is retried on another, as one stream."""
+around; a generation worker killed mid-stream is retried on another, as one stream; a stream
+closed after its first token releases its KV handle at once."""
 from __future__ import annotations
 
 import asyncio
@@ -160,3 +161,28 @@ def test_a_failing_transfer_path_is_reported_and_prefill_falls_back_to_the_gener
     assert report["status"] == "failing" and not report["paths"]["ctx-bs8->gen-1"]["ok"]
     assert "block_size" in report["paths"]["ctx-bs8->gen-1"]["detail"]
     assert waterfall.route.context_worker is None and tokens == expected(tiny_llama, PROMPT, 40)
+
+
+def test_a_caller_that_stops_after_the_first_token_releases_the_lease_at_once(workers) -> None:
+    """Closed right after the first delta, before the generation worker was called: the context
+    worker's lease is released now, not when it expires (30 s)."""
+
+    async def run():
+        cluster = make_cluster(workers, ["context-1", "gen-1"])
+        try:
+            await cluster.refresh_loads()
+            pipeline = Pipeline(cluster, RoundRobinRouter(local_prefill_max_tokens=0), max_retries=0, request_timeout_s=60)
+            stream = pipeline.generate("pipe-first-only", PROMPT, PARAMS)
+            first = await anext(stream)
+            await stream.aclose()
+            for _ in range(200):  # 10 s at most
+                if not (stats := await cluster.client("ctx-1").stats()).num_leases:
+                    break
+                await asyncio.sleep(0.05)
+            return first, stats
+        finally:
+            await cluster.close()
+
+    first, stats = asyncio.run(run())
+    assert len(first.token_ids) == 1
+    assert stats.num_leases == 0 and stats.num_free_blocks == stats.num_total_blocks, stats
