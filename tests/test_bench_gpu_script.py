@@ -30,11 +30,11 @@ def test_smoke_run_on_cpu_reports_every_phase(tmp_path: Path) -> None:
     decode = by_phase["decode"]
     assert {r["batch"] for r in decode} == {1, 2}
     for r in decode:
-        assert {"enforce_eager", "backend", "weight_bytes", "kv_read_bytes", "bytes_per_step", "roofline_ms",
+        assert {"enforce_eager", "backend", "weight_read_bytes", "kv_read_bytes", "bytes_per_step", "roofline_ms",
                 "pct_of_roofline", "prefill_s", "mean_context_tokens", "tok_s"} <= set(r)
         assert r["step"]["median_ms"] > 0 and r["step"]["p90_ms"] >= r["step"]["median_ms"]
         assert r["runner_execute"]["median_ms"] > 0
-        assert r["bytes_per_step"] == r["weight_bytes"] + r["kv_read_bytes"]
+        assert r["bytes_per_step"] == r["weight_read_bytes"] + r["kv_read_bytes"]
     hf = by_phase["hf"]
     assert {(r["cache"], r["batch"]) for r in hf} == {("dynamic", 1), ("dynamic", 2), ("static", 1), ("static", 2)}
     assert all("step_ms" in r and "pct_of_roofline" in r for r in hf)  # (full - first) / (n - 1): noise on a busy CPU
