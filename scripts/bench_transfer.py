@@ -4,7 +4,9 @@ Two processes: the owner (a spawned child) holds a KV cache in the model's block
 ([num_blocks, layers, 2, block_size, kv_heads, head_dim], default SmolLM2-135M: 30 layers, 3 kv
 heads, head dim 64, 16-token blocks, bf16: 360 KiB a block); this process reads n blocks of it
 with ``TransferEngine.read_blocks``, once with block ids contiguous on both sides (one descriptor)
-and once scattered at random on both sides (about one descriptor a block), and, in the same run,
+once scattered at random on both sides (about one descriptor a block), once as a prompt's hand-off
+after both pools have churned under serving (``sim_block_runs.py``, up to an eighth of the cache),
+and, in the same run,
 the same number of bytes with one raw NIXL descriptor. Each number is the median wall time of
 at least ``--repeats`` calls (more for short ones) after one warm-up; each size's first scattered read is checked (per-block
 sums and first words, as int32).
@@ -26,6 +28,8 @@ import torch
 
 from tandem.kvtransfer.kv_cache import KVCacheSpec, allocate_kv_cache
 from tandem.kvtransfer.nixl_transfer import PeerMetadata, TransferEngine
+
+from sim_block_runs import churned_handoffs
 
 SIZES = [1, 4, 16, 64, 256, 1024, 4096]
 _STRIDE = 7919  # int32 word w of block b holds w + b * _STRIDE
@@ -162,6 +166,8 @@ def measure(n: int, engine: TransferEngine, raw: RawReader, kv_cache: torch.Tens
         "contiguous": (list(range(n)), list(range(n))),
         "scattered": (rng.permutation(engine.num_blocks)[:n].tolist(), rng.permutation(engine.num_blocks)[:n].tolist()),
     }
+    if 16 <= n <= engine.num_blocks // 8:
+        layouts["after churn"] = churned_layout(n, engine.num_blocks, kv_cache.shape[3])
     rows = []
     for name, (remote, local) in layouts.items():
         kv_cache.view(kv_cache.shape[0], -1)[local] = 0
@@ -186,6 +192,14 @@ def measure(n: int, engine: TransferEngine, raw: RawReader, kv_cache: torch.Tens
     commands.recv()
     rows.append(row(n, nbytes, "scattered, staged", stats.num_descriptors, stage_seconds + seconds, ceiling))
     return rows
+
+
+def churned_layout(n: int, num_blocks: int, block_size: int) -> tuple[list[int], list[int]]:
+    """The first n blocks of a hand-off of at least n blocks, both pools num_blocks, after churn."""
+    handoffs = churned_handoffs(num_blocks, num_blocks, prompt_tokens=n * block_size, output_tokens=256,
+                                num_handoffs=50, block_size=block_size, seed=n)
+    remote, local = next((r, l) for r, l in handoffs if len(r) >= n)
+    return remote[:n], local[:n]
 
 
 def row(n: int, nbytes: int, ids: str, descriptors: int, seconds: float, ceiling: float) -> dict:

@@ -99,7 +99,7 @@ def test_lru_evicts_least_recently_freed_and_tail_first() -> None:
     pool.free(list(reversed(b)))
     events.clear()
     first = pool.allocate(2)
-    assert first == [a[2], a[1]]
+    assert first == sorted([a[2], a[1]])  # the two least recently freed, handed out in id order
     a_hashes = hash_full_blocks(a_tokens, BLOCK)
     assert events == [BlockRemoved((a_hashes[2], a_hashes[1]))]
     assert pool.find_cached_prefix(a_hashes) == a[:1]  # hashes dropped, head still hits
@@ -107,6 +107,45 @@ def test_lru_evicts_least_recently_freed_and_tail_first() -> None:
     assert pool.allocate(1) == [a[0]]
     assert pool.allocate(1) == [b[2]]
     assert pool.find_cached_prefix(a_hashes) == []
+    assert_no_leak(pool)
+
+
+def test_blocks_freed_together_come_back_as_one_run_of_adjacent_ids() -> None:
+    pool, events = make_pool(12)
+    a = run_sequence(pool, list(range(32)))  # blocks 0..7, all cached
+    b = run_sequence(pool, list(range(100, 116)))  # blocks 8..11
+    pool.free(a[::-1])  # tail first: the LRU holds 7, 6, ..., 0
+    pool.free(b[::-1])
+    events.clear()
+    assert pool.allocate(8) == a  # one run, ascending (a transfer moves it with one descriptor)
+    (removed,) = events
+    assert set(removed.block_hashes) == set(hash_full_blocks(list(range(32)), BLOCK))
+    assert_no_leak(pool)
+
+
+def test_one_block_growth_takes_a_lone_block_before_splitting_a_run() -> None:
+    pool, _ = make_pool(6)
+    run, x, lone, y = (run_sequence(pool, list(range(s, s + n * BLOCK))) for s, n in ((0, 3), (100, 1), (200, 1), (300, 1)))
+    assert (run, lone) == ([0, 1, 2], [4])
+    pool.free(run[::-1])  # least recently freed: 2, 1, 0
+    pool.free(lone)  # 4: blocks 3 and 5 are in use
+    assert pool.allocate(1) == lone  # not the older 2, which would split the run
+    assert pool.allocate(3) == run
+    pool.free(x + y + run + lone)
+    assert_no_leak(pool)
+
+
+def test_a_multi_block_allocation_leaves_a_lone_uncached_block_to_growth() -> None:
+    pool, _ = make_pool(6)
+    kept = run_sequence(pool, list(range(6)))  # blocks 0 (full, cached) and 1 (partial, uncached)
+    gap = run_sequence(pool, list(range(50, 54)))  # 2
+    run = run_sequence(pool, list(range(100, 108)))  # 3, 4
+    pool.allocate(1)  # 5
+    pool.free([kept[1]])  # 1: uncached, alone (0 and 2 in use)
+    pool.free(run[::-1])
+    assert pool.allocate(2) == run  # the cached run, not the lone uncached block and half a run
+    assert pool.allocate(1) == [kept[1]]  # growth takes the lone uncached block
+    assert gap == [2] and pool.num_free_blocks == 0
     assert_no_leak(pool)
 
 
@@ -208,7 +247,8 @@ def test_no_free_blocks_error_changes_nothing() -> None:
         pool.allocate(4)
     assert pool_state(pool, hashes) == before
     assert events == []
-    assert pool.allocate(3)[1:] == [ids[2], ids[1]]  # LRU order untouched
+    assert pool.allocate(3) == sorted([3, ids[1], ids[2]])  # the uncached block 3 and both evictable ones
+    assert events == [BlockRemoved(tuple(hashes[2:0:-1]))]  # evicted in LRU order, untouched
 
 
 def test_misuse_raises_and_changes_nothing() -> None:
