@@ -42,7 +42,12 @@ def make_prompts(count: int) -> list[str]:
 
 
 def bench_tandem(llm: LLM, prompts: list[str], new_tokens: int) -> dict:
+    """Starts from an empty prefix cache: blocks cached by an earlier run (the warm-up's prompts,
+    a smaller batch's) would spare prefill work transformers has to do. Prefixes shared within
+    the batch still hit, as they would in serving."""
     engine = llm.engine
+    if not engine.pool.reset_prefix_cache():
+        raise RuntimeError("blocks still in use before a benchmark run")
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", prompt, params)
