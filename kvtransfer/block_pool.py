@@ -162,8 +162,9 @@ class BlockPool:
 
     def _evictable_runs(self, count: int) -> list[int]:
         """Up to count evictable blocks in runs of adjacent ids, least recently freed first: each old
-        block beside another evictable one takes its evictable neighbours with it (a request's
-        blocks are freed together, so they are about as old). Looks at a bounded stretch of the LRU."""
+        block beside another evictable one takes the evictable blocks just below it. A request's
+        blocks are ascending and freed tail first, so those are its earlier blocks, next in LRU
+        order anyway, and a prefix still outlives its suffix. Looks at a bounded stretch of the LRU."""
         chosen: dict[int, None] = {}
         for seed in itertools.islice(self._evictable, 4 * count + _SINGLE_BLOCK_SCAN):
             if len(chosen) == count:
@@ -171,11 +172,10 @@ class BlockPool:
             if seed in chosen or all(self._hashes[b] is None for b in self._free_neighbours(seed)):
                 continue
             chosen[seed] = None
-            for step in (-1, 1):  # freed tail first: the seed is usually its run's highest id
-                neighbour = seed + step
-                while len(chosen) < count and neighbour in self._evictable and neighbour not in chosen:
-                    chosen[neighbour] = None
-                    neighbour += step
+            below = seed - 1  # downwards only: the blocks above are younger, or another request's head
+            while len(chosen) < count and below in self._evictable and below not in chosen:
+                chosen[below] = None
+                below -= 1
         return list(chosen)
 
     def cache_full_block(
