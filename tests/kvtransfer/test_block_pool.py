@@ -123,6 +123,18 @@ def test_blocks_freed_together_come_back_as_one_run_of_adjacent_ids() -> None:
     assert_no_leak(pool)
 
 
+def test_a_run_never_takes_the_next_requests_head_before_its_tail() -> None:
+    pool, events = make_pool(8)
+    a_tokens, b_tokens = list(range(16)), list(range(100, 116))
+    a, b = run_sequence(pool, a_tokens), run_sequence(pool, b_tokens)  # blocks 0..3 and 4..7
+    pool.free(a[::-1])
+    pool.free(b[::-1])
+    events.clear()
+    assert pool.allocate(5) == a + b[3:]  # all of a, then b's tail; block 4 (b's head) stays
+    assert pool.find_cached_prefix(hash_full_blocks(b_tokens, BLOCK)) == b[:3]
+    assert events == [BlockRemoved((*hash_full_blocks(a_tokens, BLOCK)[::-1], hash_full_blocks(b_tokens, BLOCK)[3]))]
+
+
 def test_one_block_growth_takes_a_lone_block_before_splitting_a_run() -> None:
     pool, _ = make_pool(6)
     run, x, lone, y = (run_sequence(pool, list(range(s, s + n * BLOCK))) for s, n in ((0, 3), (100, 1), (200, 1), (300, 1)))
