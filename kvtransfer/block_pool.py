@@ -12,15 +12,16 @@ Life cycle of a block::
 
 Every block is in exactly one of: the uncached free heap, the evictable LRU,
 or in use; so ``num_free_blocks + num_used_blocks == num_blocks`` always.
-Each operation costs O(log n) or less per block it touches.
+Operations that can fail validate first and change nothing on error. KV events go to
+subscribed sinks synchronously, after the state change.
 
 Allocation keeps a request's blocks adjacent where it can, because a KV transfer pays per run of
-adjacent ids (one NIXL descriptor each; about 6 us on a GPU, as much as moving a megabyte):
-uncached blocks come lowest id first, which keeps the used ids packed, and every allocation is
-returned in ascending id order, so blocks freed together (a finished request's) and taken
-together again form the same runs instead of reversed ones. Operations that can fail
-validate first and change nothing on error. KV events go to subscribed sinks
-synchronously, after the state change.
+adjacent ids (one NIXL descriptor each; about 6 us on a GPU, as much as moving a megabyte).
+Uncached blocks come lowest id first, which keeps the used ids packed; every allocation comes in
+ascending id order, so blocks freed together (a finished request's) and taken together again
+form the same runs instead of reversed ones; several blocks are taken as runs and one block as
+a lone one, so that decode growth does not split what a prompt's reservation would take whole.
+An allocation of n blocks costs O(n log N) and looks at no more than 4n + 8 evictable blocks.
 """
 
 import heapq
