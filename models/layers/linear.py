@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels.cpu_linear import can_prepack, packed_linear, prepack
+from tandem.kernels.cpu_linear import NEVER, can_prepack, packed_linear, packed_min_rows, prepack
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +95,15 @@ class PrepackedWeight:
 
     weight: nn.Parameter
     packed_weight: torch.Tensor | None = None
+    packed_min_rows: int = NEVER  # fewer rows than this stay on ATen, which is faster there
 
     def prepack(self) -> None:
-        if can_prepack(self.weight):
+        if can_prepack(self.weight) and (min_rows := packed_min_rows(self.weight.dtype)) != NEVER:
             self.packed_weight = prepack(self.weight)
+            self.packed_min_rows = min_rows
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, in] -> [T, out]
-        if self.packed_weight is not None:
+        if self.packed_weight is not None and x.shape[0] >= self.packed_min_rows:
             return packed_linear(x, self.packed_weight, bias)
         if x.is_cuda and x.shape[0] == 1 and (gemv := _triton_gemv()) is not None and gemv.supports(x, self.weight):
             return gemv.gemv(x, self.weight, bias)  # a batch-1 decode step: a pure weight stream

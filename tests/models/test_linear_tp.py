@@ -5,7 +5,6 @@ itself is not exercised: each rank's partial output is computed alone.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tandem.models.layers import (
@@ -116,22 +115,3 @@ def test_qkv_rejects_more_ranks_than_kv_heads() -> None:
     else:
         raise AssertionError("tp > num_kv_heads was accepted")
 
-
-def test_prepacked_cpu_weights_give_the_dense_result() -> None:
-    """The oneDNN-prepacked path the engine uses on CPU matches F.linear for every layer kind."""
-    from tandem.kernels.cpu_linear import can_prepack
-
-    torch.manual_seed(0)
-    layer = ColumnParallelLinear(48, 80, bias=True, tp=TensorParallel())
-    row = RowParallelLinear(80, 48, bias=True, tp=TensorParallel())
-    for module in (layer, row):
-        module.weight.data.normal_()
-        module.bias.data.normal_()
-    x = torch.randn(5, 48)
-    dense = row(layer(x))
-    if not can_prepack(layer.weight):
-        pytest.skip("this torch build has no oneDNN")
-    layer.prepack()
-    row.prepack()
-    assert layer.packed_weight is not None and row.packed_weight is not None
-    torch.testing.assert_close(row(layer(x)), dense, atol=1e-4, rtol=1e-5)
