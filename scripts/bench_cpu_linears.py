@@ -1,0 +1,89 @@
+"""The matmuls of one decode step on the CPU, alone: how long they take against how long they
+would take with their weights already in cache, on oneDNN's prepacked path and on ATen's.
+
+A decode step runs every linear of the model once (four a layer, then the lm_head). This replays
+exactly those matmuls, with the model's own weights and a random [batch, in] input each, in the
+model's order ("step": every weight streamed from memory, as in serving), and the first layer's
+four matmuls repeated once per layer ("cached": the same flops over a few MB that stay in cache).
+The gap between the two is what streaming the weights costs beyond the arithmetic.
+
+    python scripts/bench_cpu_linears.py                  # batches 1 and 16, the embedded model
+    python scripts/bench_cpu_linears.py --batches 1 4 16 64
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels.cpu_linear import packed_linear, packed_min_rows
+from tandem.models.layers.linear import PrepackedWeight
+from tandem.models.loader import load_model
+
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+
+
+def step_matmuls(model: torch.nn.Module, packed: bool) -> list[tuple[int, int, Matmul]]:
+    """(in, out, matmul) for every linear in forward order; the lm_head comes last in modules()."""
+    matmuls = []
+    for module in model.modules():
+        if not isinstance(module, PrepackedWeight):
+            continue
+        out_features, in_features = module.weight.shape
+        if packed:
+            weights = module.packed_weight
+            matmuls.append((in_features, out_features, lambda x, w=weights: packed_linear(x, w, None)))
+        else:
+            matmuls.append((in_features, out_features, lambda x, w=module.weight: F.linear(x, w)))
+    return matmuls
+
+
+def time_pass(matmuls: list[tuple[int, int, Matmul]], batch: int, repeats: int) -> float:
+    """Median seconds of one pass over `matmuls`, each on a fresh-looking [batch, in] input."""
+    inputs = {k: torch.randn(batch, k) for k in {in_features for in_features, _, _ in matmuls}}
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        for in_features, _, matmul in matmuls:
+            matmul(inputs[in_features])
+        if i >= 2:  # two warm-up passes
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, dtype=torch.float32, device=torch.device("cpu"), show_progress=False)
+    model = loaded.model
+    layers = model.config.num_hidden_layers
+    weight_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, PrepackedWeight))
+    print(f"model {loaded.source.name}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}; {weight_bytes / 1e6:.0f} MB of matmul weights; "
+          f"the engine packs from {packed_min_rows(torch.float32)} rows")
+    print("| batch | path | step ms | cached ms | step GFLOP/s | step weight GB/s |")
+    print("|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for batch in args.batches:
+            for name, packed in (("oneDNN prepacked", True), ("ATen", False)):
+                if packed and any(m.packed_weight is None for m in model.modules() if isinstance(m, PrepackedWeight)):
+                    continue
+                matmuls = step_matmuls(model, packed)
+                per_layer = (len(matmuls) - 1) // layers
+                cached = matmuls[:per_layer] * layers + matmuls[-1:]
+                step_s, cached_s = time_pass(matmuls, batch, args.repeats), time_pass(cached, batch, args.repeats)
+                flops = sum(2 * batch * k * n for k, n, _ in matmuls)
+                print(f"| {batch} | {name} | {step_s * 1e3:.1f} | {cached_s * 1e3:.1f} | {flops / step_s / 1e9:.0f} | "
+                      f"{weight_bytes / step_s / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
