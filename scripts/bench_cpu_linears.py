@@ -1,11 +1,14 @@
 """The matmuls of one decode step on the CPU, alone: how long they take against how long they
-would take with their weights already in cache, on oneDNN's prepacked path and on ATen's.
+would take with their weights already in cache, on oneDNN's prepacked path, on ATen's, and on
+MKL's packed sgemm (a peer the engine cannot use: its packing is made for one row count).
 
 A decode step runs every linear of the model once (four a layer, then the lm_head). This replays
 exactly those matmuls, with the model's own weights and a random [batch, in] input each, in the
 model's order ("step": every weight streamed from memory, as in serving), and the first layer's
 four matmuls repeated once per layer ("cached": the same flops over a few MB that stay in cache).
-The gap between the two is what streaming the weights costs beyond the arithmetic.
+The gap between the two is what streaming the weights costs beyond the arithmetic; "ceiling" is
+the larger of the step's flops at the fp32 matmul peak and its weight bytes at the read rate,
+both measured in the same run.
 
     python scripts/bench_cpu_linears.py                  # batches 1 and 16, the embedded model
     python scripts/bench_cpu_linears.py --batches 1 4 16 64
@@ -13,6 +16,7 @@ The gap between the two is what streaming the weights costs beyond the arithmeti
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 from collections.abc import Callable
@@ -25,20 +29,27 @@ from tandem.models.layers.linear import PrepackedWeight
 from tandem.models.loader import load_model
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
+PATHS = ("oneDNN prepacked", "ATen", "MKL packed for this batch")
 
 
-def step_matmuls(model: torch.nn.Module, packed: bool) -> list[tuple[int, int, Matmul]]:
-    """(in, out, matmul) for every linear in forward order; the lm_head comes last in modules()."""
+def step_matmuls(model: torch.nn.Module, path: str, batch: int) -> list[tuple[int, int, Matmul]]:
+    """(in, out, matmul) for every linear in forward order; the lm_head comes last in modules().
+    "mkl" is MKL's packed sgemm, whose packing is made for one row count (here: exactly `batch`),
+    so the engine cannot use it for a batch that changes every step; it is here as a peer."""
     matmuls = []
     for module in model.modules():
         if not isinstance(module, PrepackedWeight):
             continue
         out_features, in_features = module.weight.shape
-        if packed:
-            weights = module.packed_weight
-            matmuls.append((in_features, out_features, lambda x, w=weights: packed_linear(x, w, None)))
+        dense = module.weight
+        if path == "oneDNN prepacked":
+            matmul = functools.partial(packed_linear, packed=module.packed_weight, bias=None)
+        elif path == "MKL packed for this batch":
+            mkl = torch.ops.mkl._mkl_reorder_linear_weight(dense, batch)
+            matmul = lambda x, mkl=mkl, dense=dense: torch.ops.mkl._mkl_linear(x, mkl, dense, None, batch)  # noqa: E731
         else:
-            matmuls.append((in_features, out_features, lambda x, w=module.weight: F.linear(x, w)))
+            matmul = functools.partial(F.linear, weight=dense)
+        matmuls.append((in_features, out_features, matmul))
     return matmuls
 
 
@@ -55,6 +66,26 @@ def time_pass(matmuls: list[tuple[int, int, Matmul]], batch: int, repeats: int) 
     return sorted(times)[len(times) // 2]
 
 
+def ceilings() -> tuple[float, float]:
+    """(fp32 matmul GFLOP/s on a 2048 x 2048 square, GB/s reading 512 MB): what this CPU can do
+    at best, measured in the same run as the step."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul_s = _median_seconds(lambda: torch.mm(a, b), 10)
+    big = torch.empty(128 * 1024 * 1024).normal_()
+    read_s = _median_seconds(big.sum, 5)
+    return 2 * 2048**3 / matmul_s / 1e9, big.numel() * 4 / read_s / 1e9
+
+
+def _median_seconds(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
@@ -65,24 +96,28 @@ def main() -> None:
     loaded = load_model(args.model, dtype=torch.float32, device=torch.device("cpu"), show_progress=False)
     model = loaded.model
     layers = model.config.num_hidden_layers
-    weight_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, PrepackedWeight))
+    linears = [m for m in model.modules() if isinstance(m, PrepackedWeight)]
+    weight_bytes = sum(m.weight.numel() * 4 for m in linears)
     print(f"model {loaded.source.name}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; {weight_bytes / 1e6:.0f} MB of matmul weights; "
           f"the engine packs from {packed_min_rows(torch.float32)} rows")
-    print("| batch | path | step ms | cached ms | step GFLOP/s | step weight GB/s |")
-    print("|---|---|---|---|---|---|")
+    peak_gflops, read_gbs = ceilings()
+    print(f"ceilings: fp32 matmul {peak_gflops:.0f} GFLOP/s (2048 x 2048), read {read_gbs:.1f} GB/s (512 MB sum)")
+    print("| batch | path | step ms | cached ms | step GFLOP/s | step weight GB/s | ceiling ms |")
+    print("|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for batch in args.batches:
-            for name, packed in (("oneDNN prepacked", True), ("ATen", False)):
-                if packed and any(m.packed_weight is None for m in model.modules() if isinstance(m, PrepackedWeight)):
+            for name in PATHS:
+                if name == "oneDNN prepacked" and any(m.packed_weight is None for m in linears):
                     continue
-                matmuls = step_matmuls(model, packed)
+                matmuls = step_matmuls(model, name, batch)
                 per_layer = (len(matmuls) - 1) // layers
                 cached = matmuls[:per_layer] * layers + matmuls[-1:]
                 step_s, cached_s = time_pass(matmuls, batch, args.repeats), time_pass(cached, batch, args.repeats)
                 flops = sum(2 * batch * k * n for k, n, _ in matmuls)
+                ceiling_s = max(flops / (peak_gflops * 1e9), weight_bytes / (read_gbs * 1e9))
                 print(f"| {batch} | {name} | {step_s * 1e3:.1f} | {cached_s * 1e3:.1f} | {flops / step_s / 1e9:.0f} | "
-                      f"{weight_bytes / step_s / 1e9:.1f} |")
+                      f"{weight_bytes / step_s / 1e9:.1f} | {ceiling_s * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
