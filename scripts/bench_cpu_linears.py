@@ -110,6 +110,8 @@ def main() -> None:
             for name in PATHS:
                 if name == "oneDNN prepacked" and any(m.packed_weight is None for m in linears):
                     continue
+                if name == "MKL packed for this batch" and not torch.backends.mkl.is_available():
+                    continue
                 matmuls = step_matmuls(model, name, batch)
                 per_layer = (len(matmuls) - 1) // layers
                 cached = matmuls[:per_layer] * layers + matmuls[-1:]
