@@ -34,8 +34,8 @@ PATHS = ("oneDNN prepacked", "ATen", "MKL packed for this batch")
 
 def step_matmuls(model: torch.nn.Module, path: str, batch: int) -> list[tuple[int, int, Matmul]]:
     """(in, out, matmul) for every linear in forward order; the lm_head comes last in modules().
-    "mkl" is MKL's packed sgemm, whose packing is made for one row count (here: exactly `batch`),
-    so the engine cannot use it for a batch that changes every step; it is here as a peer."""
+    MKL's packing is made for one row count (here: exactly `batch`), so the engine cannot use it
+    for a batch that changes every step; it is here as a peer."""
     matmuls = []
     for module in model.modules():
         if not isinstance(module, PrepackedWeight):
@@ -54,16 +54,14 @@ def step_matmuls(model: torch.nn.Module, path: str, batch: int) -> list[tuple[in
 
 
 def time_pass(matmuls: list[tuple[int, int, Matmul]], batch: int, repeats: int) -> float:
-    """Median seconds of one pass over `matmuls`, each on a fresh-looking [batch, in] input."""
+    """Median seconds of one pass over `matmuls`, each on a random [batch, in] input."""
     inputs = {k: torch.randn(batch, k) for k in {in_features for in_features, _, _ in matmuls}}
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
+
+    def one_pass() -> None:
         for in_features, _, matmul in matmuls:
             matmul(inputs[in_features])
-        if i >= 2:  # two warm-up passes
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+
+    return _median_seconds(one_pass, repeats, warmups=2)
 
 
 def ceilings() -> tuple[float, float]:
@@ -76,8 +74,9 @@ def ceilings() -> tuple[float, float]:
     return 2 * 2048**3 / matmul_s / 1e9, big.numel() * 4 / read_s / 1e9
 
 
-def _median_seconds(call: Callable[[], object], repeats: int) -> float:
-    call()
+def _median_seconds(call: Callable[[], object], repeats: int, warmups: int = 1) -> float:
+    for _ in range(warmups):
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
