@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +55,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 @functools.cache
 def packed_min_rows(dtype: torch.dtype) -> int:
     """The fewest input rows at which the packed matmul is faster than ATen's on this CPU, or
-    NEVER. Measured once (about 50 ms) on a probe weight rather than per layer: the direction held
-    for every SmolLM2 projection shape on both CPUs measured, and per-shape timings would add noise
-    to the choice, not accuracy."""
+    NEVER. Measured once (about 30 ms) on a probe weight rather than per layer: on the Intel VM the
+    faster path was the same for every SmolLM2 projection shape at one row and at 16, so per-shape
+    timings would add noise to the choice, not accuracy."""
     override = os.environ.get(MIN_ROWS_ENV)
     if override is not None:
         return int(override)
@@ -74,7 +75,7 @@ def packed_min_rows(dtype: torch.dtype) -> int:
     return NEVER
 
 
-def _best_of(call, repeats: int = 5) -> float:
+def _best_of(call: Callable[[], object], repeats: int = 5) -> float:
     """The fastest of a few timed calls after one warm-up: the least disturbed by other work."""
     call()
     best = float("inf")
