@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gpu_bench_common import memory_bandwidth
+
 from tandem.kernels.cpu_linear import packed_linear, packed_min_rows
 from tandem.models.layers.linear import PrepackedWeight
 from tandem.models.loader import load_model
@@ -65,13 +67,12 @@ def time_pass(matmuls: list[tuple[int, int, Matmul]], batch: int, repeats: int) 
 
 
 def ceilings() -> tuple[float, float]:
-    """(fp32 matmul GFLOP/s on a 2048 x 2048 square, GB/s reading 512 MB): what this CPU can do
-    at best, measured in the same run as the step."""
+    """(fp32 matmul GFLOP/s on a 2048 x 2048 square, GB/s reading 512 MB of fp32 with the GPU
+    bench's probe): what this CPU can do at best, measured in the same run as the step."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     matmul_s = _median_seconds(lambda: torch.mm(a, b), 10)
-    big = torch.empty(128 * 1024 * 1024).normal_()
-    read_s = _median_seconds(big.sum, 5)
-    return 2 * 2048**3 / matmul_s / 1e9, big.numel() * 4 / read_s / 1e9
+    read = memory_bandwidth(torch.device("cpu"), 512 * 1024 * 1024, repeats=5, dtype=torch.float32)
+    return 2 * 2048**3 / matmul_s / 1e9, read["read_gbps"]
 
 
 def _median_seconds(call: Callable[[], object], repeats: int, warmups: int = 1) -> float:
@@ -96,12 +97,13 @@ def main() -> None:
     model = loaded.model
     layers = model.config.num_hidden_layers
     linears = [m for m in model.modules() if isinstance(m, PrepackedWeight)]
-    weight_bytes = sum(m.weight.numel() * 4 for m in linears)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     print(f"model {loaded.source.name}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; {weight_bytes / 1e6:.0f} MB of matmul weights; "
           f"the engine packs from {packed_min_rows(torch.float32)} rows")
     peak_gflops, read_gbs = ceilings()
-    print(f"ceilings: fp32 matmul {peak_gflops:.0f} GFLOP/s (2048 x 2048), read {read_gbs:.1f} GB/s (512 MB sum)")
+    print(f"ceilings: fp32 matmul {peak_gflops:.0f} GFLOP/s (2048 x 2048), "
+          f"read {read_gbs:.1f} GB/s (512 MB, the faster of sum and max)")
     print("| batch | path | step ms | cached ms | step GFLOP/s | step weight GB/s | ceiling ms |")
     print("|---|---|---|---|---|---|---|")
     with torch.inference_mode():

@@ -133,11 +133,14 @@ def summary_ms(seconds: list[float]) -> dict:
     }
 
 
-def memory_bandwidth(device: torch.device, num_bytes: int, repeats: int = 7) -> dict:
-    """Read rate of two read-only reductions (sum, max) over ``num_bytes`` of bfloat16, and the copy
+def memory_bandwidth(
+    device: torch.device, num_bytes: int, repeats: int = 7, dtype: torch.dtype = torch.bfloat16
+) -> dict:
+    """Read rate of two read-only reductions (sum, max) over ``num_bytes`` of ``dtype``, and the copy
     rate (read + write counted); medians of ``repeats``. ``read_gbps`` is the faster reduction,
-    so a roofline built on it is the stricter one."""
-    x = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device).uniform_(-1, 1)
+    so a roofline built on it is the stricter one. (On a CPU a bfloat16 reduction is bound by its
+    conversions, not by memory: pass float32 there.)"""
+    x = torch.empty(num_bytes // dtype.itemsize, dtype=dtype, device=device).uniform_(-1, 1)
     y = torch.empty_like(x)
     rates = {}
     for name, fn, moved in (
