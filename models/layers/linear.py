@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels import cpu_grid_linear
 from tandem.kernels.cpu_linear import NEVER, can_prepack, packed_linear, packed_min_rows, prepack
 
 
@@ -89,20 +90,25 @@ def _triton_gemv():
 
 
 class PrepackedWeight:
-    """Mixin: an optional device-specific copy of `weight`, made once after loading (CPU: oneDNN
-    blocked layout), and the matmul that picks the fastest kernel for the call. `weight` stays the
-    loaded, HF-shaped tensor that the checkpoint filled."""
+    """Mixin: optional device-specific copies of `weight`, made once after loading (CPU: its
+    quantization grid where it has one, and oneDNN's blocked layout), and the matmul that picks
+    the fastest kernel for the call. `weight` stays the loaded, HF-shaped tensor that the
+    checkpoint filled."""
 
     weight: nn.Parameter
+    grid_weight: cpu_grid_linear.GridWeight | None = None
     packed_weight: torch.Tensor | None = None
     packed_min_rows: int = NEVER  # fewer rows than this stay on ATen, which is faster there
 
     def prepack(self) -> None:
+        self.grid_weight = cpu_grid_linear.pack_on_grid(self.weight)
         if can_prepack(self.weight) and (min_rows := packed_min_rows(self.weight.dtype)) != NEVER:
             self.packed_weight = prepack(self.weight)
             self.packed_min_rows = min_rows
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.grid_weight is not None and x.shape[0] <= cpu_grid_linear.MAX_ROWS:
+            return cpu_grid_linear.grid_linear(x, self.grid_weight, bias)
         if self.packed_weight is not None and x.shape[0] >= self.packed_min_rows:
             return packed_linear(x, self.packed_weight, bias)
         if x.is_cuda and x.shape[0] == 1 and (gemv := _triton_gemv()) is not None and gemv.supports(x, self.weight):
