@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from pathlib import Path
 import torch
 
 from tandem.kernels.native_build import load_native
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_grid_linear.c")
 ENABLE_ENV = "TANDEM_CPU_GRID_WEIGHTS"  # "0": keep every weight in float32
@@ -48,23 +45,19 @@ class GridWeight:
     bits: int
 
 
+_INT, _POINTER = ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "grid_packed_bytes": (ctypes.c_size_t, [_INT, _INT, _INT]),
+    "grid_pack": (ctypes.c_long, [_POINTER, _INT, _INT, _INT, _POINTER]),
+    "grid_linear": (_INT, [_POINTER, _INT, _INT, _POINTER, _INT, _INT, _POINTER, _POINTER]),
+}
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENABLE_ENV, "1") == "0":
         return None
-    library = load_native(SOURCE)
-    if library is None:
-        return None
-    library.grid_packed_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    library.grid_packed_bytes.restype = ctypes.c_size_t
-    library.grid_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    library.grid_pack.restype = ctypes.c_long
-    library.grid_linear.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p,
-    ]
-    library.grid_linear.restype = ctypes.c_int
-    return library
+    return load_native(SOURCE, _SIGNATURES)
 
 
 def pack_on_grid(weight: torch.Tensor) -> GridWeight | None:

@@ -27,9 +27,13 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-
 BUILD_TIMEOUT_S = 120.0
 
 
-def load_native(source: Path) -> ctypes.CDLL | None:
-    """The compiled ``source``, built now if this machine has not built it yet; None (and one
-    warning in the log) if it cannot be built or loaded."""
+# A C function's ctypes signature: (return type, argument types).
+Signature = tuple[object, list[object]]
+
+
+def load_native(source: Path, signatures: dict[str, Signature]) -> ctypes.CDLL | None:
+    """The compiled ``source`` with ``signatures`` declared, built now if this machine has not
+    built it yet; None (and one warning in the log) if it cannot be built or loaded."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler (cc, gcc or $CC): %s is not built, its torch fallback runs", source.name)
@@ -38,8 +42,12 @@ def load_native(source: Path) -> ctypes.CDLL | None:
         library = _cache_dir() / f"{source.stem}-{_build_key(source, compiler)}.so"
         if not library.exists():
             _compile(source, compiler, library)
-        return ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError) as e:
+        loaded = ctypes.CDLL(str(library))
+        for name, (restype, argtypes) in signatures.items():
+            function = getattr(loaded, name)
+            function.restype, function.argtypes = restype, argtypes
+        return loaded
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
         logger.warning("could not build %s with %s, its torch fallback runs: %s", source.name, compiler, e)
         return None
 

@@ -4,9 +4,10 @@ On CUDA: FlashInfer if it imports and a tiny smoke call agrees with the torch re
 Triton under the same test, else the torch reference; every choice and every reason a better
 backend was passed over is logged. A backend that imports but fails on this GPU (no kernel for
 the architecture, a JIT compile that breaks) is caught here rather than in the first request.
-Other devices run the torch reference.
+On the CPU: the torch reference with its decode steps in a C kernel where one can be built
+(kernels/cpu_attention.py), else the plain torch reference. Other devices run the torch reference.
 
-``TANDEM_ATTENTION_BACKEND=torch|triton|flashinfer`` overrides the choice; an override that
+``TANDEM_ATTENTION_BACKEND=torch|cpu|triton|flashinfer`` overrides the choice; an override that
 cannot be honoured fails loudly instead of falling back, since whoever set it wants that
 backend measured. Triton kernels run off-GPU only in Triton's interpreter (TRITON_INTERPRET=1).
 Backend modules are imported here lazily, so importing tandem needs neither triton nor flashinfer.
@@ -18,6 +19,7 @@ import os
 
 import torch
 
+from tandem.kernels import cpu_attention
 from tandem.kernels.interface import AttentionBackend, AttentionMetadata, BackendKind
 from tandem.kernels.torch_reference import TorchReferenceBackend
 
@@ -34,6 +36,9 @@ def select_backend(device: torch.device) -> AttentionBackend:
         backend = _build_override(kind, device)
         logger.info("attention backend: %s on %s (%s=%s)", kind.value, device, ENV_VAR, override)
         return backend
+    if device.type == "cpu" and cpu_attention.library() is not None:
+        logger.info("attention backend: cpu (the torch reference, decode in a C kernel)")
+        return cpu_attention.CpuBackend()
     if device.type != "cuda":
         logger.info("attention backend: torch reference on %s (only the torch reference runs on %s)", device, device.type)
         return TorchReferenceBackend()
@@ -64,6 +69,10 @@ def build_backend(kind: BackendKind) -> AttentionBackend:
     """An instance of ``kind``; ImportError when its library is missing."""
     if kind is BackendKind.TORCH_REFERENCE:
         return TorchReferenceBackend()
+    if kind is BackendKind.CPU:
+        if cpu_attention.library() is None:
+            raise ImportError("the C decode kernel could not be built (the log says why)")
+        return cpu_attention.CpuBackend()
     if kind is BackendKind.TRITON:
         from tandem.kernels.triton_backend import TritonBackend
 
@@ -78,6 +87,8 @@ def build_backend(kind: BackendKind) -> AttentionBackend:
 
 
 def _build_override(kind: BackendKind, device: torch.device) -> AttentionBackend:
+    if kind is BackendKind.CPU and device.type != "cpu":
+        raise ValueError(f"{ENV_VAR}=cpu needs the CPU device, got {device}")
     if kind is BackendKind.FLASHINFER and device.type != "cuda":
         raise ValueError(f"{ENV_VAR}=flashinfer needs a CUDA device, got {device}")
     if kind is BackendKind.TRITON and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

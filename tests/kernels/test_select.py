@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tandem.kernels import select
+from tandem.kernels import cpu_attention, select
 from tandem.kernels.interface import BackendKind
 from tandem.kernels.select import ENV_VAR, parse_backend_kind, select_backend
 from tandem.kernels.torch_reference import TorchReferenceBackend
@@ -15,9 +15,18 @@ from tandem.kernels.torch_reference import TorchReferenceBackend
 CPU = torch.device("cpu")
 
 
-def test_cpu_is_torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_is_the_c_decode_kernel_where_it_builds_else_the_torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert select_backend(CPU).kind is BackendKind.TORCH_REFERENCE
+    expected = BackendKind.TORCH_REFERENCE if cpu_attention.library() is None else BackendKind.CPU
+    assert select_backend(CPU).kind is expected
+
+
+def test_override_cpu_needs_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    with pytest.raises(ValueError, match="needs the CPU device"):
+        select_backend(torch.device("cuda"))
+    if cpu_attention.library() is not None:
+        assert select_backend(CPU).kind is BackendKind.CPU
 
 
 @pytest.mark.parametrize("value", ["torch", " Torch "])

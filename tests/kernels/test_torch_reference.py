@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from paged_steps import metadata_for, shuffled_block_tables
+from tandem.kernels import cpu_attention
+from tandem.kernels.cpu_attention import CpuBackend
 from tandem.kernels.interface import AttentionMetadata, BackendKind
 from tandem.kernels.select import select_backend
 from tandem.kernels.torch_reference import TorchReferenceBackend
@@ -29,10 +31,11 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def run_case(
-    cached_lens: list[int], query_lens: list[int], block_size: int, device: str, dtype: torch.dtype = torch.float32
+    cached_lens: list[int], query_lens: list[int], block_size: int, device: str, dtype: torch.dtype = torch.float32,
+    backend: TorchReferenceBackend | None = None, head_dim: int = 16,
 ) -> None:
     gen = torch.Generator().manual_seed(sum(cached_lens) * 31 + sum(query_lens) + block_size)
-    num_heads, num_kv_heads, head_dim, num_blocks = 8, 2, 16, 64
+    num_heads, num_kv_heads, num_blocks = 8, 2, 64
     scale = head_dim**-0.5
     # Block-major cache of all layers filled with huge finite garbage, as stale blocks would be:
     # a slot read without being written, or a padding slot given any weight, wrecks the output.
@@ -41,7 +44,7 @@ def run_case(
     meta = metadata_for(tables, cached_lens, query_lens, block_size, device)
     full = full.to(device, dtype)
     kv_cache = full[:, LAYER]
-    backend = TorchReferenceBackend()
+    backend = backend or TorchReferenceBackend()
     seq_k = [torch.randn(c + q, num_kv_heads, head_dim, generator=gen) for c, q in zip(cached_lens, query_lens)]
     seq_v = [torch.randn(c + q, num_kv_heads, head_dim, generator=gen) for c, q in zip(cached_lens, query_lens)]
     # The cached prefixes were written by earlier steps: store them through the same slot arithmetic.
@@ -84,18 +87,40 @@ def test_chunked_prefill_continues_cached_prefix(block_size: int, device: str) -
     run_case(cached_lens=[5, 16, 0], query_lens=[9, 3, 4], block_size=block_size, device=device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_decode_batch(block_size: int, device: str, dtype: torch.dtype) -> None:
-    run_case(cached_lens=[0, 3, 16, 30, 8], query_lens=[1, 1, 1, 1, 1], block_size=block_size, device=device, dtype=dtype)
+# The CPU backend (C decode kernel) wherever its kernel builds, beside the reference it extends.
+CPU_BACKENDS = [TorchReferenceBackend(), *([CpuBackend()] if cpu_attention.library() is not None else [])]
+DEVICE_BACKENDS = [("cpu", b) for b in CPU_BACKENDS] + [("cuda", TorchReferenceBackend())] * (len(DEVICES) - 1)
+
+
+def _ids(case: tuple[str, TorchReferenceBackend]) -> str:
+    return f"{case[0]}-{case[1].kind.value}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", DEVICE_BACKENDS, ids=_ids)
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_mixed_prefill_and_decode(block_size: int, device: str, dtype: torch.dtype) -> None:
-    run_case(cached_lens=[12, 0, 6, 1], query_lens=[1, 10, 5, 1], block_size=block_size, device=device, dtype=dtype)
+def test_decode_batch(block_size: int, case: tuple[str, TorchReferenceBackend], dtype: torch.dtype) -> None:
+    device, backend = case
+    run_case(cached_lens=[0, 3, 16, 30, 8], query_lens=[1, 1, 1, 1, 1], block_size=block_size, device=device,
+             dtype=dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b.kind.value)
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_decode_over_long_contexts_and_uneven_head_dims(backend: TorchReferenceBackend, head_dim: int) -> None:
+    """Contexts over many blocks (one sequence on 30 of them) and a head_dim the C kernel's 16-wide
+    vectors do not divide."""
+    run_case(cached_lens=[470, 2, 61], query_lens=[1, 1, 1], block_size=16, device="cpu", backend=backend,
+             head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", DEVICE_BACKENDS, ids=_ids)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_mixed_prefill_and_decode(block_size: int, case: tuple[str, TorchReferenceBackend], dtype: torch.dtype) -> None:
+    device, backend = case
+    run_case(cached_lens=[12, 0, 6, 1], query_lens=[1, 10, 5, 1], block_size=block_size, device=device,
+             dtype=dtype, backend=backend)
 
 
 def test_store_kv_writes_only_its_slots() -> None:
@@ -119,5 +144,7 @@ def test_store_kv_writes_only_its_slots() -> None:
 def test_select_backend_logs_choice(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="tandem.kernels.select"):
         backend = select_backend(torch.device("cpu"))
-    assert backend.kind is BackendKind.TORCH_REFERENCE
-    assert "torch reference" in caplog.text
+    if cpu_attention.library() is None:
+        assert backend.kind is BackendKind.TORCH_REFERENCE and "torch reference" in caplog.text
+    else:
+        assert backend.kind is BackendKind.CPU and "decode in a C kernel" in caplog.text
