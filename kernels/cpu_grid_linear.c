@@ -22,20 +22,15 @@
 #include <immintrin.h>
 #endif
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "cpu_vector.h"
 
 #define PANEL 32 /* output rows per panel */
 #define GROUP 32 /* inputs per scale and offset */
 #define MAX_ROWS 8 /* input rows per micro-kernel call: 16 accumulators, 2 weight vectors */
 
-typedef float v16f __attribute__((vector_size(64)));
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
 static inline v16f u8_to_float(v16u8 c) { return __builtin_convertvector(__builtin_convertvector(c, v16i), v16f); }
 
 /* 16 codes straight from memory. GCC 12 builds the generic form byte by byte when the codes are

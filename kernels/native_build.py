@@ -31,17 +31,21 @@ BUILD_TIMEOUT_S = 120.0
 Signature = tuple[object, list[object]]
 
 
-def load_native(source: Path, signatures: dict[str, Signature]) -> ctypes.CDLL | None:
-    """The compiled ``source`` with ``signatures`` declared, built now if this machine has not
-    built it yet; None (and one warning in the log) if it cannot be built or loaded."""
+def load_native(
+    source: Path, signatures: dict[str, Signature], extra_flags: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+    """The compiled ``source`` with ``signatures`` declared, built now (with FLAGS, then
+    ``extra_flags``) if this machine has not built it yet; None (and one warning in the log) if it
+    cannot be built or loaded."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler (cc, gcc or $CC): %s is not built, its torch fallback runs", source.name)
         return None
     try:
-        library = _cache_dir() / f"{source.stem}-{_build_key(source, compiler)}.so"
+        flags = (*FLAGS, *extra_flags)
+        library = _cache_dir() / f"{source.stem}-{_build_key(source, compiler, flags)}.so"
         if not library.exists():
-            _compile(source, compiler, library)
+            _compile(source, compiler, flags, library)
         loaded = ctypes.CDLL(str(library))
         for name, (restype, argtypes) in signatures.items():
             function = getattr(loaded, name)
@@ -61,13 +65,15 @@ def _cache_dir() -> Path:
     return path
 
 
-def _build_key(source: Path, compiler: str) -> str:
-    """Changes with anything that changes the binary: source, flags, compiler version, CPU."""
+def _build_key(source: Path, compiler: str, flags: tuple[str, ...]) -> str:
+    """Changes with anything that changes the binary: source, the headers beside it, flags,
+    compiler version, CPU."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=True
     ).stdout
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_identity().encode()):
+    for part in (source.read_bytes(), *headers, " ".join(flags).encode(), version.encode(), _cpu_identity().encode()):
         digest.update(part)
     return digest.hexdigest()[:16]
 
@@ -82,11 +88,11 @@ def _cpu_identity() -> str:
     return platform.machine() + "".join(sorted({line for line in lines if line.startswith(wanted)}))
 
 
-def _compile(source: Path, compiler: str, library: Path) -> None:
+def _compile(source: Path, compiler: str, flags: tuple[str, ...], library: Path) -> None:
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", str(partial), "-lm"],
+            [compiler, *flags, str(source), "-o", str(partial), "-lm"],
             capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
         )
         if result.returncode != 0:

@@ -1,10 +1,11 @@
 """The small per-layer ops of a decoder step (residual add + RMSNorm, rotary on q and k, SiLU-mul),
-each either one fused Triton kernel or the plain torch formula.
+each either one fused kernel or the plain torch formula.
 
-On a GPU a decode step replayed from a CUDA graph is bound by the count of its kernels, not by
-their bytes: these ops are about 30 of a Llama layer's 40 kernels, at 2-3 us each. The fused
-kernels (kernels/triton_fused.py) run for 16-bit activations on CUDA; float32 and the CPU keep
-the torch formulas, which match transformers bit for bit (the parity mode).
+A decode step is bound by the count of these ops, not by their bytes: on a GPU replaying a CUDA
+graph they are about 30 of a Llama layer's 40 kernels, at 2-3 us each; on a CPU each torch op
+pays its dispatch. The fused kernels run for 16-bit activations on CUDA (kernels/triton_fused.py)
+and for float32 on the CPU (kernels/cpu_fused.py, where its C library builds); float32 on CUDA
+keeps the torch formulas, which match transformers bit for bit.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels import cpu_fused
 from tandem.models.layers.norm import RMSNorm
 from tandem.models.layers.rotary import RotaryTables, rotate
 
@@ -30,6 +32,8 @@ def _kernels():
 
 
 def _fused(x: torch.Tensor):
+    if cpu_fused.available(x):
+        return cpu_fused
     kernels = _kernels()
     if kernels is not None and x.dtype in _FUSED_DTYPES and x.is_cuda and kernels.available(x.device):
         return kernels
