@@ -75,25 +75,27 @@ def prefix_kv(
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_pure_prefill(block_size: int, device: str) -> None:
-    run_case(cached_lens=[0, 0, 0], query_lens=[7, 1, 23], block_size=block_size, device=device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_chunked_prefill_continues_cached_prefix(block_size: int, device: str) -> None:
-    run_case(cached_lens=[5, 16, 0], query_lens=[9, 3, 4], block_size=block_size, device=device)
-
-
-# The CPU backend (C decode kernel) wherever its kernel builds, beside the reference it extends.
+# The CPU backend (C kernels) wherever its kernel builds, beside the reference it extends.
 CPU_BACKENDS = [TorchReferenceBackend(), *([CpuBackend()] if cpu_attention.library() is not None else [])]
 DEVICE_BACKENDS = [("cpu", b) for b in CPU_BACKENDS] + [("cuda", TorchReferenceBackend())] * (len(DEVICES) - 1)
 
 
 def _ids(case: tuple[str, TorchReferenceBackend]) -> str:
     return f"{case[0]}-{case[1].kind.value}"
+
+
+@pytest.mark.parametrize("case", DEVICE_BACKENDS, ids=_ids)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_pure_prefill(block_size: int, case: tuple[str, TorchReferenceBackend]) -> None:
+    device, backend = case
+    run_case(cached_lens=[0, 0, 0], query_lens=[7, 1, 23], block_size=block_size, device=device, backend=backend)
+
+
+@pytest.mark.parametrize("case", DEVICE_BACKENDS, ids=_ids)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_chunked_prefill_continues_cached_prefix(block_size: int, case: tuple[str, TorchReferenceBackend]) -> None:
+    device, backend = case
+    run_case(cached_lens=[5, 16, 0], query_lens=[9, 3, 4], block_size=block_size, device=device, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,6 +116,13 @@ def test_decode_over_long_contexts_and_uneven_head_dims(backend: TorchReferenceB
              head_dim=head_dim)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b.kind.value)
+def test_many_sequences(backend: TorchReferenceBackend) -> None:
+    """Enough sequences that the C kernel's threads take whole sequences, not single key/value heads."""
+    run_case(cached_lens=[3 * i for i in range(12)], query_lens=[1] * 12, block_size=4, device="cpu", backend=backend)
+    run_case(cached_lens=[2 * i for i in range(12)], query_lens=[1, 5] * 6, block_size=4, device="cpu", backend=backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", DEVICE_BACKENDS, ids=_ids)
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -123,7 +132,8 @@ def test_mixed_prefill_and_decode(block_size: int, case: tuple[str, TorchReferen
              dtype=dtype, backend=backend)
 
 
-def test_store_kv_writes_only_its_slots() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b.kind.value)
+def test_store_kv_writes_only_its_slots(backend: TorchReferenceBackend) -> None:
     block_size, kv_heads, head_dim = 4, 2, 8
     full = torch.zeros(6, NUM_LAYERS, 2, block_size, kv_heads, head_dim)
     meta = AttentionMetadata(
@@ -136,7 +146,7 @@ def test_store_kv_writes_only_its_slots() -> None:
         block_size=block_size,
     )
     key, value = torch.ones(2, kv_heads, head_dim), torch.full((2, kv_heads, head_dim), 2.0)
-    TorchReferenceBackend().store_kv(full[:, LAYER], key, value, meta)
+    backend.store_kv(full[:, LAYER], key, value, meta)
     assert full[5, LAYER, 0, 1:3].eq(1).all() and full[5, LAYER, 1, 1:3].eq(2).all()
     assert full.count_nonzero() == 2 * 2 * kv_heads * head_dim
 
