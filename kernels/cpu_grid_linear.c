@@ -18,9 +18,7 @@
  * Built at run time by kernels/native_build.py (-O3 -march=native -fopenmp) and called through
  * ctypes; OpenMP resolves to the runtime torch already loaded, so both share one thread pool.
  */
-#if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
 #include <math.h>
 #include <stdlib.h>
 
@@ -34,15 +32,9 @@ typedef uint8_t v16u8 __attribute__((vector_size(16)));
 static inline v16f u8_to_float(v16u8 c) { return __builtin_convertvector(__builtin_convertvector(c, v16i), v16f); }
 
 /* 16 codes straight from memory. GCC 12 builds the generic form byte by byte when the codes are
- * not computed first (5x slower 8-bit weights), so x86 names the instruction. */
+ * not computed first (5x slower 8-bit weights), so this names the instruction. */
 static inline v16f load_u8_as_float(const uint8_t *p) {
-#if defined(__AVX512F__)
     return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#else
-    v16u8 c;
-    memcpy(&c, p, sizeof c);
-    return u8_to_float(c);
-#endif
 }
 
 static size_t group_bytes(int bits) { return 2 * PANEL * sizeof(float) + GROUP * PANEL * bits / 8; }

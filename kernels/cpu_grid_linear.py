@@ -4,9 +4,9 @@ The embedded model ships as a Q4_1 GGUF: every projection weight, dequantized, i
 ``code * scale + offset`` per group of 32 inputs, with 4-bit codes (8-bit for the Q8_0 embedding
 that the output head shares). A decode step on a CPU is bound by streaming those weights as
 float32 and by the float32 kernels' poor use of the FMA units at a few rows; the same weights as
-codes stream 6 or 10 bits each and are rebuilt in registers, bit for bit. On the 2-core Intel
-VM the 121 matmuls of a batch-16 SmolLM2 step took 17.6 ms this way against 31.9 ms with oneDNN's
-prepacked float32 weights (/tmp prototype, the step's shapes, weights streamed from memory).
+codes stream 6 or 10 bits each and are rebuilt bit for bit in the kernel. On the 2-core Intel
+VM the 121 matmuls of a batch-16 SmolLM2 step take 22.8 ms this way against 41.0 ms with oneDNN's
+prepacked float32 weights (`python scripts/bench_cpu_linears.py`, docs/performance.md).
 
 The grid is found at load (``pack_on_grid``), never assumed: a weight that any group does not
 reproduce exactly (a float32 or bfloat16 checkpoint, another quantization scheme) keeps the float32

@@ -1,8 +1,15 @@
 /* Vector helpers shared by the CPU kernels (cpu_*.c): GCC vector extensions, which compile to
- * AVX-512 with -march=native where the CPU has it and to narrower instructions elsewhere.
- * kernels/native_build.py rebuilds a kernel when this header changes. */
+ * AVX-512 instructions with -march=native. kernels/native_build.py rebuilds a kernel when this
+ * header changes. */
 #ifndef TANDEM_CPU_VECTOR_H
 #define TANDEM_CPU_VECTOR_H
+
+/* 16-float vectors are one register only with AVX-512; GCC splits them for AVX2 or NEON, and there
+ * spilled the matmul's accumulators to memory (40x slower at 16 rows than the AVX-512 build,
+ * measured with -march=haswell on the Intel VM). A CPU without AVX-512 therefore fails the build and runs the torch paths. */
+#if !defined(__AVX512F__)
+#error "Tandem's C kernels need AVX-512 (16-float vectors); this CPU runs the torch paths"
+#endif
 
 #include <stdint.h>
 #include <string.h>
