@@ -2,9 +2,10 @@
  *
  * At decode sizes ([16, 576] activations) a torch op costs its dispatch, not its bytes: residual
  * add + RMSNorm was 7 ops, SiLU-mul 3, rotary 4, together about 6 ms of a 35 ms batch-16 SmolLM2
- * step on the 2-core VM. The formulas are the torch path's (models/layers/fused.py); results
- * differ from it only by rounding (summation order of the mean, fused multiply-adds, the vector
- * exp of cpu_vector.h). Single-threaded: at these sizes a thread hand-off costs more than it saves.
+ * step on the 2-core VM. The formulas are the torch path's (models/layers/fused.py), built without
+ * fused multiply-adds so that each rounds where torch does: results differ from it only by the
+ * order of the mean's sum and the vector exp of cpu_vector.h. Single-threaded: at these sizes a
+ * thread hand-off costs more than it saves.
  *
  * Built by kernels/native_build.py and called through ctypes (kernels/cpu_fused.py).
  */
@@ -41,13 +42,12 @@ void add_rms_norm(const float *x, const float *residual, const float *weight, in
     }
 }
 
-/* silu(g) = g * sigmoid(g); sigmoid from e = e^-|g|, which cannot overflow:
- * 1 / (1 + e) for g >= 0 and e / (1 + e) below. */
+/* silu(g) = g / (1 + e^-g), torch's form, for g >= 0; below, where e^-g could overflow,
+ * g e^g / (1 + e^g): both from e = e^-|g|, which cannot. */
 static inline v16f silu16(v16f g) {
     v16i negative = g < 0.0f;
     v16f e = exp_nonpositive(select16(negative, g, -g));
-    v16f one = (v16f){0} + 1.0f;
-    return g * (select16(negative, e, one) / (one + e));
+    return select16(negative, g * e, g) / (1.0f + e);
 }
 
 /* out [rows, inner] = silu(gate) * up, gate_up [rows, 2 * inner] (gate, then up). */
