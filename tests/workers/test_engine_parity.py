@@ -2,9 +2,19 @@
 chunked, cached or preempted, and every block comes back to the pool."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 import torch
 
+from tandem.kernels import cpu_attention, cpu_fused, cpu_grid_linear, native_build
+from tandem.kernels.interface import BackendKind
+from tandem.models.layers import PrepackedWeight
+from tandem.models.loader import load_model
+from tandem.workers.config import CacheConfig, EngineConfig
+from tandem.workers.engine import LLMEngine
+from tandem.workers.llm import LLM
 from tandem.workers.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -87,3 +97,36 @@ def test_a_shared_prefix_is_computed_once_and_gives_identical_tokens(make_llm, r
     fresh = make_llm().generate(longer, SamplingParams(max_tokens=8))[0]
     assert fresh.num_cached_tokens == 0
     assert third.token_ids == fresh.token_ids
+
+
+@pytest.fixture
+def without_c_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[None]:
+    """No C compiler and an empty kernel cache, as on a machine without one; the session's kernels
+    are loaded again afterwards."""
+    libraries = (cpu_grid_linear._library, cpu_attention.library, cpu_fused.library)
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv(native_build.CACHE_DIR_ENV, str(tmp_path))
+    for library in libraries:
+        library.cache_clear()
+    yield
+    monkeypatch.undo()
+    for library in libraries:
+        library.cache_clear()
+
+
+def test_without_the_c_kernels_the_torch_paths_give_the_same_tokens(
+    without_c_kernels: None, reference, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fallback a machine without a C compiler (or AVX-512) runs: float32 weights, the torch
+    reference attention and the torch formulas of the small ops, still token-exact."""
+    with caplog.at_level(logging.WARNING, logger="tandem.kernels.native_build"):
+        loaded = load_model(None, dtype=torch.float32, device=torch.device("cpu"), show_progress=False)
+        config = EngineConfig(cache=CacheConfig(num_bytes=64 << 20))
+        llm = LLM.from_engine(LLMEngine(loaded, config, torch.device("cpu")))
+    assert "could not build cpu_grid_linear.c" in caplog.text and "could not build cpu_attention.c" in caplog.text
+    assert all(m.grid_weight is None for m in loaded.model.modules() if isinstance(m, PrepackedWeight))
+    assert llm.engine.runner.backend.kind is BackendKind.TORCH_REFERENCE
+    assert not cpu_fused.available(torch.zeros(1))
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
+    assert_matches(outputs, reference)
+    assert llm.engine.pool.num_used_blocks == 0
