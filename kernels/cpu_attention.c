@@ -11,7 +11,6 @@
  */
 #include <math.h>
 #include <omp.h>
-#include <stdlib.h>
 
 #include "cpu_vector.h"
 
@@ -43,18 +42,6 @@ static void add_scaled(float *out, const float *v, float weight, int n) {
     int d = 0;
     for (; d + 16 <= n; d += 16) store16(out + d, load16(out + d) + weight * load16(v + d));
     for (; d < n; d++) out[d] += weight * v[d];
-}
-
-/* A thread's buffer for the scores of one query token's heads, kept between calls. */
-static float *thread_scores(size_t count) {
-    static __thread float *buffer;
-    static __thread size_t capacity;
-    if (count > capacity) {
-        free(buffer);
-        buffer = malloc(count * sizeof(float));
-        capacity = buffer ? count : 0;
-    }
-    return buffer;
 }
 
 /* Where a token's key sits; its value is value_offset floats after it. */
@@ -108,7 +95,7 @@ int paged_attention(const float *query, const float *cache, long block_stride, l
     for (int piece = 0; piece < num_seqs * pieces_per_seq; piece++) {
         int s = piece / pieces_per_seq, kv_head = piece % pieces_per_seq * kv_heads_per_piece, length = seq_lens[s];
         int first = query_start[s], count = query_start[s + 1] - first;
-        float *scores = count ? thread_scores((size_t)heads * length) : NULL;
+        float *scores = count ? thread_buffer((size_t)heads * length) : NULL; /* the scores of one query token */
         if (count && scores == NULL) {
             failed = 1;
             continue;

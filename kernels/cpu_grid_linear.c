@@ -20,7 +20,6 @@
  */
 #include <immintrin.h>
 #include <math.h>
-#include <stdlib.h>
 
 #include "cpu_vector.h"
 
@@ -195,20 +194,6 @@ static const micro_kernel MICRO_KERNELS[MAX_ROWS + 1] = {
     micro_kernel_5, micro_kernel_6, micro_kernel_7, micro_kernel_8,
 };
 
-/* A thread's buffer for one panel's float32 weights, kept between calls: allocated per call, a
- * down projection's 196 KB came from mmap and cost fresh page faults every time. */
-static float *thread_scratch(int cols) {
-    static __thread float *buffer;
-    static __thread size_t capacity;
-    size_t needed = (size_t)cols * PANEL * sizeof(float);
-    if (needed > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, needed);
-        capacity = buffer ? needed : 0;
-    }
-    return buffer;
-}
-
 /* out [rows, out_features] = x [rows, cols] @ W^T (+ bias), W packed by grid_pack. Threads split
  * the panels; each rebuilds its panel once into a buffer that stays in its L2 cache and runs
  * every 8 input rows against it. Returns 0, or -1 when that buffer cannot be allocated. */
@@ -218,7 +203,7 @@ int grid_linear(const float *x, int rows, int cols, const uint8_t *packed, int o
     size_t panel_bytes = (size_t)groups * group_bytes(bits);
 #pragma omp parallel reduction(| : failed)
     {
-        float *scratch = thread_scratch(cols);
+        float *scratch = thread_buffer((size_t)cols * PANEL); /* one panel's float32 weights */
         failed = scratch == NULL;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {

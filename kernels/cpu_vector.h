@@ -12,6 +12,7 @@
 #endif
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -19,6 +20,21 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+
+/* A calling thread's buffer of at least `floats` floats, 64-byte aligned, kept between calls and
+ * grown when too small; NULL if it cannot be. Allocated per call, a down projection's 196 KB came
+ * from mmap and cost fresh page faults every time. Each kernel file has its own. */
+static inline float *thread_buffer(size_t floats) {
+    static __thread float *buffer;
+    static __thread size_t capacity;
+    if (floats > capacity) {
+        free(buffer);
+        size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+        buffer = aligned_alloc(64, bytes);
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
+}
 
 /* Lane by lane: a where mask is set (all ones), else b. */
 static inline v16f select16(v16i mask, v16f a, v16f b) {
