@@ -24,7 +24,7 @@ class BackendKind(enum.Enum):
     """Which implementation runs attention; chosen once at start from what the device offers."""
 
     TORCH_REFERENCE = "torch"
-    CPU = "cpu"  # the torch reference with a C decode kernel (kernels/cpu_attention.py)
+    CPU = "cpu"  # paged attention and the KV store in C (kernels/cpu_attention.py)
     TRITON = "triton"
     FLASHINFER = "flashinfer"
 

@@ -4,8 +4,8 @@ On CUDA: FlashInfer if it imports and a tiny smoke call agrees with the torch re
 Triton under the same test, else the torch reference; every choice and every reason a better
 backend was passed over is logged. A backend that imports but fails on this GPU (no kernel for
 the architecture, a JIT compile that breaks) is caught here rather than in the first request.
-On the CPU: the torch reference with its decode steps in a C kernel where one can be built
-(kernels/cpu_attention.py), else the plain torch reference. Other devices run the torch reference.
+On the CPU: attention and the KV store in C where the kernel can be built (kernels/cpu_attention.py),
+else the torch reference. Other devices run the torch reference.
 
 ``TANDEM_ATTENTION_BACKEND=torch|cpu|triton|flashinfer`` overrides the choice; an override that
 cannot be honoured fails loudly instead of falling back, since whoever set it wants that
@@ -37,7 +37,7 @@ def select_backend(device: torch.device) -> AttentionBackend:
         logger.info("attention backend: %s on %s (%s=%s)", kind.value, device, ENV_VAR, override)
         return backend
     if device.type == "cpu" and cpu_attention.library() is not None:
-        logger.info("attention backend: cpu (the torch reference, decode in a C kernel)")
+        logger.info("attention backend: cpu (attention and the KV store in a C kernel)")
         return cpu_attention.CpuBackend()
     if device.type != "cuda":
         logger.info("attention backend: torch reference on %s (only the torch reference runs on %s)", device, device.type)
@@ -71,7 +71,7 @@ def build_backend(kind: BackendKind) -> AttentionBackend:
         return TorchReferenceBackend()
     if kind is BackendKind.CPU:
         if cpu_attention.library() is None:
-            raise ImportError("the C decode kernel could not be built (the log says why)")
+            raise ImportError("the C attention kernel could not be built (the log says why)")
         return cpu_attention.CpuBackend()
     if kind is BackendKind.TRITON:
         from tandem.kernels.triton_backend import TritonBackend

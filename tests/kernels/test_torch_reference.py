@@ -157,4 +157,4 @@ def test_select_backend_logs_choice(caplog: pytest.LogCaptureFixture) -> None:
     if cpu_attention.library() is None:
         assert backend.kind is BackendKind.TORCH_REFERENCE and "torch reference" in caplog.text
     else:
-        assert backend.kind is BackendKind.CPU and "decode in a C kernel" in caplog.text
+        assert backend.kind is BackendKind.CPU and "attention and the KV store in a C kernel" in caplog.text
