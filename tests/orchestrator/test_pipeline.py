@@ -69,13 +69,16 @@ def test_disaggregated_and_local_prefill_routes_give_transformers_tokens(workers
         finally:
             await cluster.close()
 
-    (tokens, deltas, waterfall), (local_tokens, _, local_waterfall), report = asyncio.run(run())
+    (tokens, deltas, waterfall), (local_tokens, local_deltas, local_waterfall), report = asyncio.run(run())
     assert tokens == local_tokens == expected(tiny_llama, PROMPT, 40)
     assert waterfall.route.context_worker == "ctx-0" and waterfall.route.reason == "disaggregated"
     assert deltas[0].token_ids and deltas[0].transfer is None  # the first token, straight from the prefill
     assert deltas[1].transfer is not None and deltas[1].transfer.num_blocks == 4
     assert waterfall.transfer_bytes > 0 and 0 < waterfall.queue_s < waterfall.prefill_s
-    assert waterfall.first_decode_s > 0 and local_waterfall.first_decode_s > 0
+    assert waterfall.first_decode_s > 0
+    # Locally the worker may stream its first two tokens in one delta (the CPU kernels made that
+    # common): then no decode step stands between them to time, and the waterfall leaves it unset.
+    assert local_waterfall.first_decode_s > 0 or len(local_deltas[0].token_ids) > 1
     assert report["status"] == "ok" and report["paths"]["ctx-0->gen-0"]["ok"]
     assert report["paths"]["ctx-0->gen-0"]["detail"].startswith(f"{waterfall.transfer_bytes} B in ")
     assert local_waterfall.route.context_worker is None and local_waterfall.route.reason == "local_prefill"
