@@ -96,9 +96,10 @@ _local_ray_running = False  # started by start_local_ray and not stopped since
 def start_local_ray(attempts: int = 2) -> None:
     """The local Ray of the tests that share it (see the module's docstring), started if it is not.
 
-    A second attempt where the first one's raylet never registered: Ray gives it a fixed 30 s and
-    once, in CI on two busy cores, it did not even start (no raylet log), while the next module's
-    Ray came up normally. The failed ``ray.init`` leaves its GCS and monitors running with no
+    A second attempt where the first one's raylet never registered, or its GCS never wrote its
+    port file: Ray gives each a fixed wait, and in CI on two busy cores each happened once (no
+    raylet log; "Timed out waiting for file .../gcs_server_port_..."), while the next module's Ray
+    came up normally. The failed ``ray.init`` leaves its GCS and monitors running with no
     handle to stop them, so the processes it started are killed before the retry."""
     global _local_ray_running
     if ray.is_initialized():
@@ -110,7 +111,8 @@ def start_local_ray(attempts: int = 2) -> None:
                      configure_logging=False)
             break
         except Exception as e:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == attempts:
+            startup_timeout = "timed out during startup" in str(e) or "Timed out waiting for file" in str(e)
+            if not startup_timeout or attempt == attempts:
                 raise
             for child in psutil.Process().children(recursive=True):
                 if child.pid not in children_before:
